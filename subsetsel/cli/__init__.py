@@ -1,0 +1,24 @@
+"""The `subsetsel` command line: one click group, one module per command."""
+
+from __future__ import annotations
+
+import click
+
+from subsetsel import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="subsetsel")
+def main() -> None:
+    """Train PyTorch models on well-chosen, weighted subsets of the data."""
+
+
+def _register() -> None:
+    from subsetsel.cli.list_cmd import list_command
+    from subsetsel.cli.train_cmd import train
+
+    main.add_command(train)
+    main.add_command(list_command)
+
+
+_register()

@@ -1,0 +1,38 @@
+"""Turn library exceptions into one-line click errors (exit 2 for usage, 1 for everything else)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from subsetsel.selection.base import UnknownNameError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(func: F) -> F:
+    """Decorate a click command so known failures print one line instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from subsetsel.data import DatasetNotFoundError
+        from subsetsel.store import IncompatibleSelectionError, SelectionFileError
+
+        try:
+            return func(*args, **kwargs)
+        except (UnknownNameError, ValueError) as err:
+            raise click.UsageError(_first_line(err)) from None
+        except (DatasetNotFoundError, SelectionFileError, IncompatibleSelectionError) as err:
+            raise click.ClickException(_first_line(err)) from None
+        except (OSError, MemoryError) as err:
+            raise click.ClickException(_first_line(err)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,165 @@
+"""The `Selection` a strategy returns, the context it selects in, and the strategy registry."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from subsetsel.data import Dataset
+
+
+class UnknownNameError(ValueError):
+    """A registry was asked for a name it does not hold; the message lists the valid names."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One round's weighted subset of the training set.
+
+    indices: int64 (k,) positions in the training set, unique, on the CPU.
+    weights: float32 (k,) non-negative weights, one per index.
+    epoch: the first epoch (0-based) this subset is trained on.
+    seconds: wall seconds spent choosing it (0 for replayed or trivial selections).
+    batch_ids: int64 (m,) ids of the chosen mini-batches of a fixed partition (PB strategies only).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    epoch: int = 0
+    seconds: float = 0.0
+    batch_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        indices = torch.as_tensor(self.indices, dtype=torch.int64).detach().cpu().reshape(-1)
+        weights = torch.as_tensor(self.weights, dtype=torch.float32).detach().cpu().reshape(-1)
+        if indices.numel() != weights.numel():
+            raise ValueError(f"{indices.numel()} indices but {weights.numel()} weights")
+        object.__setattr__(self, "indices", indices)
+        object.__setattr__(self, "weights", weights)
+        if self.batch_ids is not None:
+            batch_ids = torch.as_tensor(self.batch_ids, dtype=torch.int64).cpu().reshape(-1)
+            object.__setattr__(self, "batch_ids", batch_ids)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    @classmethod
+    def full(cls, n: int, epoch: int = 0) -> Selection:
+        """Every example with weight 1."""
+        return cls(torch.arange(n), torch.ones(n), epoch=epoch)
+
+
+def budget(fraction: float, n: int) -> int:
+    """Subset size k for a fraction of n examples: round(fraction * n), at least 1, at most n."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return max(1, min(n, int(round(fraction * n))))
+
+
+def round_generator(seed: int, round_index: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, round, salt), so a resumed run draws the same."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + round_index * 7919 + salt) % 2**63)
+
+
+@dataclass
+class SelectionContext:
+    """What a strategy may look at when it selects.
+
+    model: the network being trained (a strategy may run it in eval mode, must restore train mode).
+    dataset: the training data (tensors on `device`).
+    epoch: the epoch the new subset starts at; round_index counts selections made so far.
+    batch_size: the trainer's mini-batch size (PB strategies partition by it).
+    """
+
+    model: nn.Module
+    dataset: Dataset
+    epoch: int
+    round_index: int
+    batch_size: int
+    seed: int
+    device: torch.device
+
+
+@dataclass
+class Strategy:
+    """Base of all selection strategies: subclass, set `name`, implement `select`.
+
+    Subclasses are dataclasses; their fields are the strategy's parameters (stored in selection
+    files as provenance). `fraction` is the budget as a share of the training set.
+    """
+
+    fraction: float = 1.0
+    seed: int = 0
+    name: ClassVar[str] = ""
+    needs_model: ClassVar[bool] = False  # False: the selection ignores the model's state
+
+    def __post_init__(self) -> None:
+        budget(self.fraction, 1)  # validates the fraction
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The strategy's parameters as plain JSON-able values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy creatable by its `name`."""
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def strategy_names() -> list[str]:
+    _load_builtin_strategies()
+    return sorted(STRATEGIES)
+
+
+def create_strategy(name: str, **params: Any) -> Strategy:
+    """Build a registered strategy; parameters it does not declare are ignored."""
+    _load_builtin_strategies()
+    if name not in STRATEGIES:
+        raise UnknownNameError(
+            f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}"
+        )
+    cls = STRATEGIES[name]
+    accepted = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
+
+
+def _load_builtin_strategies() -> None:
+    import subsetsel.selection  # noqa: F401  (its __init__ imports every strategy module)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def fixed_partition(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Split range(n) once into seeded random mini-batches of `batch_size` (last may be smaller)."""
+    perm = torch.randperm(n, generator=round_generator(seed, 0, salt=17))
+    return list(perm.split(batch_size))
+
+
+__all__ = [
+    "Selection",
+    "SelectionContext",
+    "Strategy",
+    "UnknownNameError",
+    "budget",
+    "create_strategy",
+    "fixed_partition",
+    "num_batches",
+    "register_strategy",
+    "round_generator",
+    "strategy_names",
+]
