@@ -22,7 +22,7 @@ def build_optimizer(
     nesterov: bool = False,
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov), Adam, AdamW or RMSprop (momentum applies to SGD/RMSprop)."""
+    """SGD (momentum, optional Nesterov), Adam, AdamW or RMSprop; momentum: SGD and RMSprop."""
     if lr <= 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
     if name == "sgd":

@@ -20,7 +20,7 @@ from subsetsel.selection.base import (
 @register_strategy
 @dataclass
 class Full(Strategy):
-    """Every training example, weight 1, every round (the reference all methods are timed against)."""
+    """Every training example with weight 1: the reference other methods are timed against."""
 
     name = "full"
 
