@@ -37,7 +37,9 @@ def run(
     `config.save_selections` (if set); return the run summary."""
     from subsetsel.store import SelectionMetadata, SelectionStore
 
-    trainer = Trainer(config, out_dir=out_dir, progress=progress, callbacks=callbacks)
+    trainer = Trainer(
+        config, out_dir=out_dir, resume=resume, progress=progress, callbacks=callbacks
+    )
     if config.save_selections:
         if resume and Path(config.save_selections).exists():
             store = SelectionStore.open(config.save_selections)

@@ -1,0 +1,132 @@
+"""`subsetsel train` and `subsetsel list` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from subsetsel.cli import main
+from subsetsel.store import SelectionStore
+from subsetsel.train import read_log
+
+SMALL = ["--train-size", "600", "--test-size", "200", "--epochs", "2", "--quiet"]
+
+
+def _invoke(args):
+    return CliRunner().invoke(main, args)
+
+
+def _assert_one_line_error(result, code):
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error")], result.output
+
+
+def test_list_shows_every_registry():
+    result = _invoke(["list", "--json"])
+    assert result.exit_code == 0, result.output
+    names = json.loads(result.output)
+    assert "mnist1d" in names["datasets"] and "randompb" in names["strategies"]
+    assert "sgd" in names["optimizers"] and "cosine" in names["schedules"]
+    assert "plain" in names["policies"] and names["models"]
+    text = _invoke(["list"]).output
+    assert "strategies:" in text and "mnist1d" in text
+
+
+def test_train_randompb_writes_a_readable_selection_file(in_tmp):
+    result = _invoke(
+        ["train", *SMALL, "--strategy", "randompb", "--fraction", "0.1", "--select-every", "1",
+         "--out", "runs/pb", "--save-selections", "selections/x.h5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "final test accuracy" in result.output
+    store = SelectionStore.open(in_tmp / "selections" / "x.h5")
+    assert [r.epoch for r in store.rounds] == [0, 1]
+    assert all(r.batch_ids is not None for r in store.rounds)
+    with h5py.File(in_tmp / "selections" / "x.h5", "r") as f:
+        assert f.attrs["strategy"] == "randompb"
+        assert len(f["rounds"]) == 2
+    assert len(read_log(in_tmp / "runs" / "pb")) == 2
+    inspected = _invoke(["inspect", "selections/x.h5"])
+    assert inspected.exit_code == 0, inspected.output
+    assert "randompb" in inspected.output
+
+
+def test_train_json_summary_and_default_selection_path(in_tmp):
+    result = _invoke(["train", *SMALL, "--strategy", "random", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["epochs"] == 2 and 0 <= summary["final_acc"] <= 1
+    saved = list((in_tmp / "selections").glob("random-mnist1d-*.h5"))
+    assert len(saved) == 1
+
+
+def test_full_strategy_saves_no_selection_file(in_tmp):
+    result = _invoke(["train", *SMALL, "--strategy", "full", "--out", "runs/full"])
+    assert result.exit_code == 0, result.output
+    assert not (in_tmp / "selections").exists()
+
+
+def test_existing_run_directory_is_not_overwritten(in_tmp):
+    assert _invoke(["train", *SMALL, "--strategy", "full", "--out", "runs/a"]).exit_code == 0
+    result = _invoke(["train", *SMALL, "--strategy", "full", "--out", "runs/a"])
+    _assert_one_line_error(result, 2)
+    assert "--resume" in result.output
+
+
+def test_resume_finishes_an_interrupted_run(in_tmp, monkeypatch):
+    from subsetsel.train import Trainer
+
+    original = Trainer._run_epoch
+
+    def crash_at_epoch_1(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", crash_at_epoch_1)
+    args = ["train", *SMALL, "--strategy", "random", "--select-every", "1", "--out", "runs/r",
+            "--save-selections", "r"]
+    assert _invoke(args).exit_code != 0
+    assert [r["epoch"] for r in read_log(in_tmp / "runs/r")] == [0]
+    assert len(SelectionStore.open(in_tmp / "selections/r.h5").rounds) == 1
+    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    result = _invoke(["train", "--resume", "runs/r", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in read_log(in_tmp / "runs/r")] == [0, 1]
+    assert [r.epoch for r in SelectionStore.open(in_tmp / "selections/r.h5").rounds] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--dataset", "nope"], 2, "valid"),
+        (["--model", "nope"], 2, "valid"),
+        (["--strategy", "nope"], 2, "valid"),
+        (["--optimizer", "nope"], 2, "valid"),
+        (["--schedule", "nope"], 2, "valid"),
+        (["--fraction", "0"], 2, "fraction"),
+        (["--fraction", "1.5"], 2, "fraction"),
+        (["--batch-size", "0"], 2, "batch"),
+        (["--epochs", "0"], 2, "epochs"),
+        (["--dataset", "cifar10", "--data-root", "no/such/dir"], 1, "cifar"),
+        (["--dataset", "npz:no/such.npz"], 1, "no/such.npz"),
+        (["--save-selections", "selections/bad.h5"], 1, "exists"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(in_tmp, args, code, needle):
+    (in_tmp / "selections").mkdir()
+    (in_tmp / "selections" / "bad.h5").write_text("not hdf5")
+    result = _invoke(["train", *SMALL, "--strategy", "random", *args])
+    _assert_one_line_error(result, code)
+    assert needle in result.output
+    assert (in_tmp / "selections" / "bad.h5").read_text() == "not hdf5"  # never clobbered
+
+
+def test_resume_of_a_folder_that_is_not_a_run(in_tmp):
+    (in_tmp / "empty").mkdir()
+    _assert_one_line_error(_invoke(["train", "--resume", "empty"]), 1)
