@@ -14,11 +14,13 @@ def main() -> None:
 
 
 def _register() -> None:
+    from subsetsel.cli.inspect_cmd import inspect_command
     from subsetsel.cli.list_cmd import list_command
     from subsetsel.cli.train_cmd import train
 
     main.add_command(train)
     main.add_command(list_command)
+    main.add_command(inspect_command)
 
 
 _register()
