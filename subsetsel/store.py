@@ -7,6 +7,7 @@ The schema is documented for plain-h5py users in `selections/README.md`.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -220,20 +221,22 @@ class SelectionStore:
         Raises ValueError if no round is in force yet (the first round starts later).
         """
         total = self._total(total_epochs)
+        chosen = self.rounds[self.round_index_at(epoch, total)]
+        return _copy(chosen, self._start(chosen.epoch, total))
+
+    def round_index_at(self, epoch: int, total_epochs: int | None = None) -> int:
+        """Index into `rounds` of the round in force at `epoch` (same mapping as `selection_at`)."""
+        total = self._total(total_epochs)
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         stored = epoch * self.metadata.epochs // total
-        chosen = None
-        for r in self.rounds:
-            if r.epoch > stored:
-                break
-            chosen = r
-        if chosen is None:
+        index = bisect.bisect_right([r.epoch for r in self.rounds], stored) - 1
+        if index < 0:
             first = "it has no rounds"
             if self.rounds:
                 first = f"its first round starts at epoch {self.rounds[0].epoch}"
             raise ValueError(f"{self.path}: no round in force at epoch {epoch}; {first}")
-        return _copy(chosen, self._start(chosen.epoch, total))
+        return index
 
     def round_starts(self, total_epochs: int | None = None) -> list[int]:
         """Epochs of the new run (< total_epochs) at which the round in force changes.

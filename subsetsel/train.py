@@ -52,6 +52,7 @@ class TrainConfig:
     data_root: str = "data"
     train_size: int | None = None
     test_size: int | None = None
+    data_seed: int = 0  # generation/subsampling of the data; fixed across training seeds
     model: str | None = None  # None: the dataset's default model
     strategy: str = "random"
     fraction: float = 0.1
@@ -164,6 +165,32 @@ class StrategySchedule:
         return dataclasses.replace(chosen, epoch=epoch, seconds=seconds)
 
 
+class ReplaySchedule:
+    """Replay the rounds of a selection file (Cached-Grad-Match): no selection cost.
+
+    Rounds map to the new run's epochs by relative training progress (see
+    `SelectionStore.selection_at`): epoch e of a run of `total_epochs` uses the round in force
+    at stored epoch floor(e * stored_epochs / total_epochs).
+    """
+
+    def __init__(self, store: SelectionStore, total_epochs: int) -> None:
+        self.store = store
+        self.total_epochs = total_epochs
+        self.starts = set(store.round_starts(total_epochs))
+
+    def selection_for(self, epoch: int, trainer: Trainer) -> Selection | None:
+        if epoch not in self.starts:
+            return None
+        return dataclasses.replace(self.store.selection_at(epoch, self.total_epochs), seconds=0.0)
+
+    def log_fields(self, epoch: int) -> dict[str, Any]:
+        """Which file and stored round the epoch trained on."""
+        return {
+            "replay_file": str(self.store.path),
+            "replay_round": self.store.round_index_at(epoch, self.total_epochs),
+        }
+
+
 class BatchSource:
     """One epoch of shuffled mini-batches drawn from a Selection, gathered on the device.
 
@@ -266,7 +293,7 @@ class Trainer:
             from subsetsel.data import load_dataset
 
             dataset = load_dataset(
-                config.dataset, root=config.data_root, seed=config.seed,
+                config.dataset, root=config.data_root, seed=config.data_seed,
                 train_size=config.train_size, test_size=config.test_size, device=self.device,
             )
         self.dataset = dataset.to(self.device)
@@ -280,6 +307,8 @@ class Trainer:
         self.warm_epochs, self.total_epochs = plan_epochs(
             config.epochs, config.fraction, config.warm_start
         )
+        if schedule is None and config.replay:
+            schedule = self._replay_schedule(config.replay)
         if schedule is None:
             strategy = create_strategy(
                 config.strategy, fraction=config.fraction, seed=config.seed,
@@ -312,6 +341,18 @@ class Trainer:
         if resume:
             self._load_checkpoint()
 
+    def _replay_schedule(self, path: str) -> ReplaySchedule:
+        """Open a selection file read-only and check it was made for this dataset."""
+        from subsetsel.store import SelectionStore
+
+        store = SelectionStore.open(path)
+        store.check_compatible(
+            fingerprint=self.dataset.fingerprint(), dataset_size=len(self.dataset),
+            dataset=self.config.dataset,
+        )
+        self.warm_epochs, self.total_epochs = 0, self.config.epochs  # the file holds the warm-up
+        return ReplaySchedule(store, self.total_epochs)
+
     def attach_store(self, store: SelectionStore) -> None:
         """Append every new selection to `store` (rounds at or after the resume epoch dropped)."""
         store.truncate(before_epoch=self.start_epoch)
@@ -330,13 +371,18 @@ class Trainer:
         return params
 
     # ---- steps, used by policies -------------------------------------------------------------
-    def train_on(self, batch: Batch) -> torch.Tensor:
+    def train_on(self, batch: Batch, normalize: bool = True) -> torch.Tensor:
         """One optimizer step on `batch` with the weighted loss; returns per-sample losses (B,),
-        detached."""
+        detached. `normalize=False` uses mean(w * l) instead of sum(w * l) / sum(w) (importance
+        sampling's unbiased estimator). The step's logits stay in `last_logits` (detached)."""
         self.model.train()
         logits = self.model(batch.x)
+        self.last_logits = logits.detach()
         losses = F.cross_entropy(logits, batch.y, reduction="none")
-        loss = (losses * batch.w).sum() / batch.w.sum().clamp_min(1e-12)
+        if normalize:
+            loss = (losses * batch.w).sum() / batch.w.sum().clamp_min(1e-12)
+        else:
+            loss = (losses * batch.w).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -444,6 +490,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             **extra,
         }
+        if isinstance(self.schedule, ReplaySchedule):
+            record.update(self.schedule.log_fields(epoch))
         self.history.append(record)
         if self.out_dir is not None:
             with open(self.out_dir / "log.jsonl", "a") as log:

@@ -65,7 +65,7 @@ def _labels(store: SelectionStore) -> torch.Tensor:
     dataset = load_dataset(
         config["dataset"],
         root=config.get("data_root"),
-        seed=config["seed"],
+        seed=config.get("data_seed", config["seed"]),
         train_size=config.get("train_size"),
         test_size=config.get("test_size"),
     )

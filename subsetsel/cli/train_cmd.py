@@ -20,6 +20,8 @@ _DEFAULTS = TrainConfig()
               help="Folder holding torchvision datasets (never downloaded).")
 @click.option("--train-size", type=int, help="Subsample the training set to this many examples.")
 @click.option("--test-size", type=int, help="Subsample the test set to this many examples.")
+@click.option("--data-seed", type=int, default=_DEFAULTS.data_seed, show_default=True,
+              help="Seed of data generation/subsampling (kept fixed across training seeds).")
 @click.option("--model", help="Model name (default: the dataset's default model).")
 @click.option("--strategy", default=_DEFAULTS.strategy, show_default=True,
               help="Selection strategy (see `subsetsel list`).")
@@ -42,6 +44,30 @@ _DEFAULTS = TrainConfig()
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--device", default=_DEFAULTS.device, show_default=True,
               help="auto, cpu, cuda or cuda:N.")
+@click.option("--policy", default=_DEFAULTS.policy, show_default=True,
+              help="Per-batch policy (see `subsetsel list`; docs/online.md).")
+@click.option("--beta", type=float, help="sb, stale-sb: P(select) = percentile^beta [3].")
+@click.option("--history", type=int, help="sb, stale-sb: recent losses kept [1024].")
+@click.option("--floor", type=float, help="sb, stale-sb: minimum selection probability [0].")
+@click.option("--staleness", type=int, help="sb, stale-sb: epochs a cached loss is reused [2].")
+@click.option("--keep", type=float, help="sb-keep [0.5], random-keep [0.25]: share backpropagated.")
+@click.option("--keep-start", type=float, help="sb-keep [0.5], random-keep [0]: active from.")
+@click.option("--keep-end", type=float, help="sb-keep [0.9], random-keep [1]: active until.")
+@click.option("--interrupt", type=int, help="sb-keep [2], random-keep [0]: every n-th normal.")
+@click.option("--keep-scale", type=float, help="sb-keep: image scale of the selection forward.")
+@click.option("--accumulate/--no-accumulate", default=None,
+              help="random-keep: gather kept examples into full batches [accumulate].")
+@click.option("--presample", type=float, help="is, is-uniform: presample B = presample*b [3].")
+@click.option("--score", type=click.Choice(["gnorm", "loss", "gradnorm"]),
+              help="is: importance score [gnorm].")
+@click.option("--tau-th", type=float, help="is: switch threshold [(B+3b)/(3b)]; 0 always on.")
+@click.option("--echo", type=float, help="echo: factor >= 1, fractional allowed [2].")
+@click.option("--echo-mode",
+              type=click.Choice(["example-before-aug", "example-after-aug", "batch"]),
+              help="echo: where to echo [example-before-aug].")
+@click.option("--shuffle-buffer", type=int, help="echo: shuffle buffer examples [8*batch].")
+@click.option("--slow-input", type=float, default=_DEFAULTS.slow_input, show_default=True,
+              help="Simulated input cost, seconds per batch of fresh examples read.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Run directory for log.jsonl, checkpoint and summary (default runs/NAME).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
@@ -49,6 +75,9 @@ _DEFAULTS = TrainConfig()
 @click.option("--save-selections", metavar="PATH",
               help="Selection file to write (bare names go under selections/; default "
                    "selections/NAME.h5 for strategies that select).")
+@click.option("--replay", metavar="PATH",
+              help="Replay the rounds of this selection file instead of selecting "
+                   "(Cached-Grad-Match); rounds map to epochs by relative progress.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @one_line_errors
@@ -64,8 +93,11 @@ def train(
         config = load_run_config(resume_dir)
         out = Path(resume_dir)
     else:
+        options = _with_policy_params(options)
         config = TrainConfig(**options)  # type: ignore[arg-type]
         config.validate()
+        if config.replay is not None:
+            config.replay = str(resolve_path(config.replay))
         name = default_run_name(config)
         out = Path(out_dir) if out_dir else Path("runs") / name
         if (out / "log.jsonl").exists():
@@ -88,3 +120,32 @@ def train(
     click.echo(f"log: {out / 'log.jsonl'}")
     if config.save_selections:
         click.echo(f"selections: {config.save_selections}")
+
+
+_POLICY_OPTIONS = (
+    "beta", "history", "floor", "staleness", "keep", "keep_start", "keep_end", "interrupt",
+    "keep_scale", "accumulate", "presample", "score", "tau_th", "echo", "echo_mode",
+    "shuffle_buffer",
+)
+
+
+def _with_policy_params(options: dict[str, object]) -> dict[str, object]:
+    """Move the given per-policy options into `policy_params` (`--echo` alone selects the echo
+    policy); an option the chosen policy does not take is a usage error."""
+    from dataclasses import fields
+
+    from subsetsel.online.base import POLICIES, policy_names
+
+    options = dict(options)
+    params = {k: options.pop(k) for k in _POLICY_OPTIONS}
+    params = {k: v for k, v in params.items() if v is not None}
+    if "echo" in params and options["policy"] == "plain":
+        options["policy"] = "echo"
+    policy = str(options["policy"])
+    if policy in policy_names():
+        taken = {f.name for f in fields(POLICIES[policy])}
+        for key in params:
+            if key not in taken:
+                flag = "--" + key.replace("_", "-")
+                raise click.UsageError(f"{flag} does not apply to --policy {policy}")
+    return {**options, "policy_params": params}
