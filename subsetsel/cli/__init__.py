@@ -16,11 +16,15 @@ def main() -> None:
 def _register() -> None:
     from subsetsel.cli.inspect_cmd import inspect_command
     from subsetsel.cli.list_cmd import list_command
+    from subsetsel.cli.onepass_cmd import onepass
+    from subsetsel.cli.report_cmd import report_command
     from subsetsel.cli.train_cmd import train
 
     main.add_command(train)
     main.add_command(list_command)
     main.add_command(inspect_command)
+    main.add_command(onepass)
+    main.add_command(report_command)
 
 
 _register()

@@ -1,0 +1,94 @@
+"""`subsetsel onepass`: stream the training set once, replaying from a bounded buffer.
+
+Options shared with `subsetsel train` are declared here again (train_cmd.py declares its options
+inline, so sharing them would mean rewriting it); their defaults come from `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from subsetsel.cli.errors import one_line_errors
+from subsetsel.replay_buffer import INSERTIONS
+from subsetsel.stream import ALPHA_DECAYS, PRIORITIES, OnePassConfig
+
+_DEFAULTS = OnePassConfig()
+
+
+def default_run_name(config: OnePassConfig) -> str:
+    """`onepass-<method>-<dataset>-m<storage>-k<steps>-s<seed>-<UTC time>`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dataset = config.dataset.replace(":", "-").replace("/", "_")
+    return (
+        f"onepass-{config.label()}-{dataset}-m{config.storage:g}-k{config.replay_steps}"
+        f"-s{config.seed}-{stamp}"
+    )
+
+
+@click.command("onepass")
+@click.option("--dataset", default=_DEFAULTS.dataset, show_default=True,
+              help="Dataset name (see `subsetsel list`), or npz:PATH.")
+@click.option("--data-root", default=_DEFAULTS.data_root, show_default=True,
+              help="Folder holding torchvision datasets (never downloaded).")
+@click.option("--train-size", type=int, help="Subsample the training set to this many examples.")
+@click.option("--test-size", type=int, help="Subsample the test set to this many examples.")
+@click.option("--model", help="Model name (default: the dataset's default model).")
+@click.option("--storage", type=float, default=_DEFAULTS.storage, show_default=True,
+              help="Replay buffer size as a share of the training set, in (0, 1].")
+@click.option("--insertion", type=click.Choice(INSERTIONS), default=_DEFAULTS.insertion,
+              show_default=True, help="Which examples the full buffer keeps.")
+@click.option("--replay-steps", type=int, default=_DEFAULTS.replay_steps, show_default=True,
+              help="k: replay steps after each incoming batch (0: naive one pass, no buffer).")
+@click.option("--priority", type=click.Choice(PRIORITIES), default=_DEFAULTS.priority,
+              show_default=True, help="Replay sampling: uniform, or P = 1 - alpha*exp(-loss).")
+@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True,
+              help="Alpha of the error priority, in [0, 1].")
+@click.option("--alpha-decay", type=click.Choice(ALPHA_DECAYS), default=_DEFAULTS.alpha_decay,
+              show_default=True, help="Schedule of alpha over the run's optimizer steps.")
+@click.option("--importance-weights/--no-importance-weights",
+              default=_DEFAULTS.importance_weights, show_default=True,
+              help="Weight prioritised replay losses by 1/(M q) (unbiased for the uniform loss).")
+@click.option("--reference-epochs", type=int, default=_DEFAULTS.reference_epochs,
+              show_default=True, help="E of the reference run: compute % = backprops / (E N).")
+@click.option("--log-every", type=float, default=_DEFAULTS.log_every, show_default=True,
+              help="Evaluate and log every this share of the stream.")
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--optimizer", default=_DEFAULTS.optimizer, show_default=True,
+              help="sgd, adam, adamw or rmsprop.")
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Learning rate.")
+@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True)
+@click.option("--nesterov/--no-nesterov", default=_DEFAULTS.nesterov, show_default=True)
+@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--schedule", default=_DEFAULTS.schedule, show_default=True,
+              help="constant, cosine or step, over all optimizer steps of the run.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--device", default=_DEFAULTS.device, show_default=True,
+              help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Run directory for config.json, log.jsonl, summary.json (default runs/NAME).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@one_line_errors
+def onepass(out_dir: str | None, quiet: bool, as_json: bool, **options: object) -> None:
+    """Train in one pass over the data with a bounded (prioritised) replay buffer."""
+    from subsetsel.stream import run_onepass
+
+    config = OnePassConfig(**options)  # type: ignore[arg-type]
+    config.validate()
+    out = Path(out_dir) if out_dir else Path("runs") / default_run_name(config)
+    if (out / "log.jsonl").exists():
+        raise click.UsageError(f"{out} already holds a run; choose another --out")
+    summary = run_onepass(config, out, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(
+        f"final test accuracy {summary['final_acc']:.4f} (best {summary['best_acc']:.4f}) | "
+        f"storage {summary['storage_pct']:.2f} % | compute {summary['compute_pct']:.2f} % of "
+        f"{summary['reference_epochs']} epochs | {summary['elapsed_seconds']:.1f} s"
+    )
+    click.echo(f"log: {out / 'log.jsonl'}")
