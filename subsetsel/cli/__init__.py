@@ -18,6 +18,7 @@ def _register() -> None:
     from subsetsel.cli.list_cmd import list_command
     from subsetsel.cli.onepass_cmd import onepass
     from subsetsel.cli.report_cmd import report_command
+    from subsetsel.cli.search_cmd import search
     from subsetsel.cli.train_cmd import train
 
     main.add_command(train)
@@ -25,6 +26,7 @@ def _register() -> None:
     main.add_command(inspect_command)
     main.add_command(onepass)
     main.add_command(report_command)
+    main.add_command(search)
 
 
 _register()

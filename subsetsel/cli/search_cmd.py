@@ -1,0 +1,242 @@
+"""`subsetsel search`: hyperparameter search in which every trial replays one selection file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from subsetsel.cli.errors import one_line_errors
+from subsetsel.train import TrainConfig
+
+_DEFAULTS = TrainConfig()
+# base training options that default to the selection file's run config, then to TrainConfig's
+INHERITED = (
+    "dataset", "data_root", "train_size", "test_size", "model", "epochs", "batch_size",
+    "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "seed",
+)
+
+
+@click.command("search")
+@click.option("--selections", metavar="FILE",
+              help="Selection file every trial replays (a bare name is looked up in "
+                   "selections/, with .h5 added).")
+@click.option("--full-data", is_flag=True,
+              help="Train every trial on the full data instead (the reference search).")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUES",
+              help="A searched option, repeatable: lr=log:1e-3:1e-1 (log range), "
+                   "momentum=0.8:0.99 (range), optimizer=sgd,adam (choices). Names: lr, "
+                   "weight_decay, momentum, batch_size, epochs, optimizer, schedule, model.")
+@click.option("--sampler", type=click.Choice(["grid", "random", "tpe"]), default="tpe",
+              show_default=True)
+@click.option("--trials", type=int,
+              help="Trials to finish (COMPLETE or PRUNED). Default: the grid size for grid, "
+                   "else 20. Raise it and run again to extend a search.")
+@click.option("--study-name", help="Default: <selection file stem>-<sampler>, or "
+                                   "full-<dataset>-<sampler>.")
+@click.option("--storage", metavar="URL",
+              help="SQLAlchemy URL of the study (default sqlite:///<out>/study.db); a shared "
+                   "database (e.g. postgresql://...) lets several machines join one study.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder: trials/<number>/, results.csv/json (default search/<name>).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Parallel worker processes on this machine.")
+@click.option("--pruner", type=click.Choice(["none", "median", "halving", "hyperband"]),
+              default="none", show_default=True,
+              help="Stop unpromising trials early on their per-epoch test accuracy.")
+@click.option("--heartbeat", type=int, default=15, show_default=True,
+              help="Seconds between trial heartbeats; a trial silent for 4 beats is failed and "
+                   "retried.")
+@click.option("--reference", "reference_dir", type=click.Path(file_okay=False),
+              help="Run folder of a full-data `subsetsel train` run: adds each trial's speedup.")
+@click.option("--retrain-best", is_flag=True,
+              help="Finally train the best configuration on the full data (<out>/best-full).")
+@click.option("--dataset", help="Base training options below default to the selection file's "
+                                "run config, else to `subsetsel train`'s defaults.")
+@click.option("--data-root")
+@click.option("--train-size", type=int)
+@click.option("--test-size", type=int)
+@click.option("--model")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--optimizer")
+@click.option("--lr", type=float)
+@click.option("--momentum", type=float)
+@click.option("--nesterov/--no-nesterov", default=None)
+@click.option("--weight-decay", type=float)
+@click.option("--schedule")
+@click.option("--seed", type=int, help="Seeds data, training and the sampler.")
+@click.option("--device", default=_DEFAULTS.device, show_default=True)
+@click.option("--slow-input", type=float, default=0.0, show_default=True,
+              help="Simulated upstream cost, seconds per batch of fresh examples.")
+@click.option("--quiet", is_flag=True, help="No per-trial progress lines.")
+@one_line_errors
+def search(**kwargs: Any) -> None:
+    """Search hyperparameters with Optuna; every trial replays one selection file (no
+    selection cost). Interrupted searches resume when run again with the same options."""
+    from subsetsel.search import SearchError
+
+    try:
+        _search(**kwargs)
+    except SearchError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _search(
+    selections: str | None, full_data: bool, params: tuple[str, ...], sampler: str,
+    trials: int | None, study_name: str | None, storage: str | None, out_dir: str | None,
+    workers: int, pruner: str, heartbeat: int, reference_dir: str | None, retrain_best: bool,
+    quiet: bool, device: str, slow_input: float, **options: Any,
+) -> None:
+    from subsetsel.search import (
+        DEFAULT_TRIALS,
+        Reference,
+        SearchSettings,
+        grid_size,
+        hide_password,
+        parse_space,
+        results,
+        run_search,
+        speedup_note,
+        write_results,
+    )
+    from subsetsel.search import retrain_best as do_retrain
+
+    if (selections is None) == (not full_data):
+        raise click.UsageError("give exactly one of --selections FILE and --full-data")
+    if retrain_best and full_data:
+        raise click.UsageError("--retrain-best needs --selections (a full-data search already "
+                               "trained on the full data)")
+    space = parse_space(params)
+    if trials is None:
+        trials = grid_size(space) if sampler == "grid" else DEFAULT_TRIALS
+    base, selection_id = _base_config(selections, options, device, slow_input)
+    _preflight(base, space)
+    reference = Reference.load(reference_dir) if reference_dir else None
+    name = study_name or _default_name(base, selections, sampler)
+    out = Path(out_dir) if out_dir else Path("search") / name
+    url = storage or f"sqlite:///{out.resolve() / 'study.db'}"
+    settings = SearchSettings(
+        space=space, base=base, out_dir=out.resolve(), storage=url, study_name=name,
+        sampler=sampler, n_trials=trials, seed=base.seed, pruner=pruner, workers=workers,
+        heartbeat=heartbeat, selection_id=selection_id, quiet=quiet,
+    )
+    study = run_search(settings)
+    rows = results(study, space, reference)
+    best = next((r for r in rows if r["state"] == "COMPLETE"), None)
+    meta: dict[str, Any] = {
+        "study_name": name,
+        "storage": hide_password(url),
+        "selections": base.replay,
+        "sampler": sampler,
+        "space": [str(p) for p in space],
+        "n_trials": trials,
+        "objective": "final test accuracy (maximised)",
+        "train_seconds": "select + train wall seconds of the trial (eval excluded)",
+        "speedup": speedup_note(reference),
+        "reference": None if reference is None else vars(reference),
+        "best_trial": None if best is None else best["trial"],
+    }
+    if retrain_best and best is not None:
+        best_params = {p.name: best[p.name] for p in space}
+        if not quiet:
+            click.echo(f"retraining trial {best['trial']}'s configuration on the full data",
+                       err=True)
+        summary = do_retrain(settings, best_params, out / "best-full")
+        meta["retrain_best"] = {
+            "params": best_params, "run_dir": str(out / "best-full"),
+            "final_acc": summary["final_acc"], "best_acc": summary["best_acc"],
+            "train_seconds": summary["elapsed_seconds"],
+        }
+    csv_path, json_path = write_results(out, rows, meta)
+    _print(rows, space, meta, reference, csv_path, json_path)
+
+
+def _base_config(
+    selections: str | None, options: dict[str, Any], device: str, slow_input: float
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """Base TrainConfig of every trial and the selection file's identity (empty: full data)."""
+    from subsetsel.store import SelectionStore, resolve_path
+
+    values = {k: v for k, v in options.items() if v is not None}
+    selection_id: dict[str, Any] = {}
+    replay = None
+    if selections is not None:
+        path = resolve_path(selections)
+        if not path.exists() and Path(selections).is_file():
+            path = Path(selections)  # a file in the current folder, named as given
+        store = SelectionStore.open(path)
+        stored = store.metadata.config
+        for key in INHERITED:
+            if key not in values and stored.get(key) is not None:
+                values[key] = stored[key]
+        replay = str(store.path.resolve())
+        meta = store.metadata
+        selection_id = {
+            "fingerprint": meta.fingerprint, "created": meta.created, "strategy": meta.strategy,
+            "rounds": len(store.rounds), "dataset_size": meta.dataset_size,
+        }
+    base = TrainConfig(
+        **values, device=device, slow_input=slow_input, replay=replay,
+        strategy="random" if replay else "full",
+    )
+    base.validate()
+    return base, selection_id
+
+
+def _preflight(base: TrainConfig, space: Any) -> None:
+    """Fail before any trial: load the data, check the selection file against it and build
+    every model of the space on it."""
+    from subsetsel.data import load_dataset
+    from subsetsel.models import build_model, default_model
+    from subsetsel.store import SelectionStore
+
+    dataset = load_dataset(
+        base.dataset, root=base.data_root, seed=base.seed, train_size=base.train_size,
+        test_size=base.test_size,
+    )
+    if base.replay is not None:
+        store = SelectionStore.open(base.replay)
+        store.check_compatible(
+            fingerprint=dataset.fingerprint(), dataset_size=len(dataset), dataset=base.dataset
+        )
+    models = {base.model or default_model(base.dataset)}
+    for p in space:
+        if p.name == "model":
+            models.update(p.choices)
+    for name in sorted(models):
+        try:
+            build_model(name, dataset.input_shape, dataset.num_classes)
+        except (ValueError, RuntimeError) as err:
+            raise click.UsageError(
+                f"model {name!r} does not fit {base.dataset} inputs {dataset.input_shape}: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+
+
+def _default_name(base: TrainConfig, selections: str | None, sampler: str) -> str:
+    if base.replay is not None and selections is not None:
+        return f"{Path(base.replay).stem}-{sampler}"
+    dataset = base.dataset.replace(":", "-").replace("/", "_")
+    return f"full-{dataset}-{sampler}"
+
+
+def _print(
+    rows: list[dict[str, Any]], space: Any, meta: dict[str, Any], reference: Any,
+    csv_path: Path, json_path: Path,
+) -> None:
+    from subsetsel.search import format_table
+
+    click.echo(f"study {meta['study_name']}: {len(rows)} trials, best first; "
+               "acc = final test accuracy, train_s = training seconds")
+    click.echo(meta["speedup"])
+    click.echo(format_table(rows, space))
+    if "retrain_best" in meta:
+        r = meta["retrain_best"]
+        click.echo(f"best configuration retrained on full data: acc {r['final_acc']:.4f}, "
+                   f"{r['train_seconds']:.1f} s ({r['run_dir']})")
+    click.echo(f"results: {csv_path} {json_path}")
+    if reference is not None and reference.final_acc is not None:
+        click.echo(f"reference full-data run: acc {reference.final_acc:.4f}, "
+                   f"{reference.elapsed_seconds:.1f} s")
