@@ -164,3 +164,37 @@ def test_list_shows_the_policies():
     policies = json.loads(result.output)["policies"]
     for name in ("plain", "sb", "stale-sb", "sb-keep", "random-keep", "is", "is-uniform", "echo"):
         assert name in policies
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("policy", "params"),
+    [("stale-sb", {}), ("is", {"tau_th": 1.0}), ("echo", {"echo": 1.5})],
+)
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(in_tmp, small_mnist1d, policy,
+                                                                   params):
+    from subsetsel.train import TrainConfig, Trainer
+
+    def config() -> TrainConfig:
+        return TrainConfig(strategy="full", fraction=1.0, epochs=3, device="cpu", policy=policy,
+                           policy_params=dict(params))
+
+    straight = Trainer(config(), dataset=small_mnist1d, out_dir="runs/straight")
+    straight.fit()
+
+    def stop_after_first(record: dict) -> None:
+        if record["epoch"] == 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(config(), dataset=small_mnist1d, out_dir="runs/cut",
+                callbacks=[stop_after_first]).fit()
+    resumed = Trainer(config(), dataset=small_mnist1d, out_dir="runs/cut", resume=True)
+    assert resumed.start_epoch == 1
+    resumed.fit()
+    keys = ("test_acc", "test_loss", "forwarded", "backpropagated", "fresh", "steps")
+    for a, b in zip(read_log("runs/straight"), read_log("runs/cut"), strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
