@@ -300,7 +300,7 @@ class Trainer:
         if model is None:
             from subsetsel.models import build_model, default_model
 
-            config.model = config.model or default_model(config.dataset)
+            config.model = config.model or default_model(config.dataset, self.dataset.input_shape)
             torch.manual_seed(config.seed)
             model = build_model(config.model, self.dataset.input_shape, self.dataset.num_classes)
         self.model = model.to(self.device)
