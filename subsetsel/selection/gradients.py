@@ -1,0 +1,296 @@
+"""Last-layer gradients of the cross-entropy loss, in closed form, via a forward hook.
+
+For the model's final ``nn.Linear`` (``subsetsel.models.last_linear``) with input (embedding)
+e (D,) and logits z = W e + b (C,), one sample's loss gradient is
+
+    dL/dz = delta = softmax(z) - onehot(y)       dL/db = delta       dL/dW = delta e^T  (C, D)
+
+and its gradient row is [dL/db | dL/dW flattened row-major] (C + C*D floats; C*D without bias).
+The per-class-per-gradient row of a sample of class c keeps only its class's slice:
+[delta_c | delta_c * e] (1 + D floats).
+
+Every row is an outer product of two small factors, so the strategies keep the factors
+(delta (n, C), e (n, D)) instead of the rows: `LastLayerAtoms` runs OMP on them without ever
+materialising the n x C(1+D) matrix. `last_layer_gradients` materialises rows when wanted.
+The model is run under ``torch.no_grad()`` in eval mode (its train/eval mode is restored), on
+un-augmented inputs, in chunks; the model itself is never modified (the hook is removed after).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CHUNK = 1024  # samples per forward pass
+GiB = 2**30
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """`subsetsel.models.last_linear` (imported lazily: subsetsel.models imports this package)."""
+    from subsetsel.models import last_linear
+
+    return last_linear(model)
+
+
+class GradientMemoryError(MemoryError):
+    """The gradient matrix or the OMP state would not fit the memory Grad-Match may use."""
+
+
+@dataclass
+class LastLayerFactors:
+    """Per-sample factors of last-layer gradients for n samples.
+
+    delta: float32 (n, C) softmax(z) - onehot(y) (or (n, 1): each sample's own-class entry).
+    emb: float32 (n, D) input of the last linear.
+    bias: whether the last linear has a bias (rows then start with delta).
+    """
+
+    delta: torch.Tensor
+    emb: torch.Tensor
+    bias: bool
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.delta.shape[1])
+
+    def row_dim(self, per_gradient: bool = False) -> int:
+        """Floats per gradient row: C(1+D) (C*D without bias); 1+D per class-slice row."""
+        c = 1 if per_gradient else self.num_classes
+        return c * (int(self.emb.shape[1]) + int(self.bias))
+
+    def rows(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 (m, C(1+D)) gradient rows [delta | delta (x) e] of samples idx (default all)."""
+        delta = self.delta if idx is None else self.delta[idx]
+        emb = self.emb if idx is None else self.emb[idx]
+        return _rows(delta, emb, self.bias)
+
+    def class_rows(self, y: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 (m, 1+D) per-class-per-gradient rows [delta_y | delta_y e] for labels y (m,)."""
+        delta = self.delta if idx is None else self.delta[idx]
+        emb = self.emb if idx is None else self.emb[idx]
+        return _rows(delta.gather(1, y.view(-1, 1)), emb, self.bias)
+
+    def batch_mean_rows(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """float32 (m, C(1+D)): the mean gradient row of each batch (index tensors)."""
+        m, c, d = len(batches), self.num_classes, int(self.emb.shape[1])
+        out = torch.empty(m, self.row_dim(), dtype=torch.float32, device=self.delta.device)
+        size = max((int(b.numel()) for b in batches), default=1)
+        step = max(1, CHUNK * 16 // max(1, size))
+        for start in range(0, m, step):
+            group = batches[start : start + step]
+            lengths = torch.tensor([b.numel() for b in group], device=self.delta.device)
+            pad = torch.full((len(group), size), -1, dtype=torch.int64)
+            for i, b in enumerate(group):
+                pad[i, : b.numel()] = b.cpu()
+            pad = pad.to(self.delta.device)
+            mask = (pad >= 0).unsqueeze(2).to(torch.float32)
+            delta = self.delta[pad.clamp_min(0)] * mask  # (g, size, C)
+            emb = self.emb[pad.clamp_min(0)]
+            inv = 1.0 / lengths.clamp_min(1).to(torch.float32).view(-1, 1)
+            w = torch.bmm(delta.transpose(1, 2), emb).reshape(len(group), c * d) * inv
+            block = out[start : start + len(group)]
+            if self.bias:
+                block[:, :c] = delta.sum(1) * inv
+                block[:, c:] = w
+            else:
+                block[:] = w
+        return out
+
+
+def _rows(delta: torch.Tensor, emb: torch.Tensor, bias: bool) -> torch.Tensor:
+    outer = (delta.unsqueeze(2) * emb.unsqueeze(1)).flatten(1)
+    return torch.cat([delta, outer], 1) if bias else outer
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Eval mode, no grad, and a forward hook that records the last linear's input and output."""
+    layer = final_linear(model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen["emb"], seen["logits"] = inputs[0], output
+
+    handle = layer.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield seen
+    finally:
+        handle.remove()
+        model.train(was_training)
+
+
+def _chunks(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(start, stop, delta (m, C), emb (m, D)) for consecutive chunks of x, y."""
+    with _hooked(model) as seen:
+        for start in range(0, int(x.shape[0]), chunk):
+            stop = min(start + chunk, int(x.shape[0]))
+            model(x[start:stop])
+            emb, logits = seen["emb"], seen["logits"]
+            if emb.dim() != 2 or logits.dim() != 2:
+                raise ValueError(
+                    "last-layer gradients need the final nn.Linear to map (B, D) to (B, C); got "
+                    f"input {tuple(emb.shape)} and output {tuple(logits.shape)}"
+                )
+            delta = torch.softmax(logits.float(), 1)
+            delta[torch.arange(stop - start, device=delta.device), y[start:stop]] -= 1.0
+            yield start, stop, delta, emb.float()
+
+
+def last_layer_factors(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, class_slice: bool = False,
+    chunk: int = CHUNK,
+) -> LastLayerFactors:
+    """Factors (delta, e) of every sample's last-layer gradient, in preallocated buffers.
+
+    class_slice: keep only delta[i, y_i] (delta is then (n, 1): the per-class-per-gradient
+    factors)."""
+    layer = final_linear(model)
+    n = int(x.shape[0])
+    c = 1 if class_slice else layer.out_features
+    delta = torch.empty(n, c, dtype=torch.float32, device=x.device)
+    emb = torch.empty(n, layer.in_features, dtype=torch.float32, device=x.device)
+    for start, stop, d, e in _chunks(model, x, y, chunk):
+        if class_slice:
+            d = d.gather(1, y[start:stop].view(-1, 1))
+        delta[start:stop], emb[start:stop] = d, e
+    return LastLayerFactors(delta, emb, layer.bias is not None)
+
+
+def last_layer_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    per_class: bool = False,
+    batches: Sequence[torch.Tensor] | None = None,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """Materialised last-layer gradient rows (float32, on x's device).
+
+    Default: per-sample rows (n, C(1+D)). per_class: per-class-per-gradient rows (n, 1+D), each
+    sample's own class slice. batches (index tensors of a partition): the mean row of each batch
+    (m, C(1+D)). Per-sample variants are written chunk by chunk into one preallocated buffer.
+    """
+    if batches is not None:
+        return last_layer_factors(model, x, y, chunk=chunk).batch_mean_rows(batches)
+    layer = final_linear(model)
+    bias = layer.bias is not None
+    c = 1 if per_class else layer.out_features
+    out = torch.empty(
+        int(x.shape[0]), c * (layer.in_features + int(bias)), dtype=torch.float32, device=x.device
+    )
+    for start, stop, delta, emb in _chunks(model, x, y, chunk):
+        if per_class:
+            delta = delta.gather(1, y[start:stop].view(-1, 1))
+        out[start:stop] = _rows(delta, emb, bias)
+    return out
+
+
+class LastLayerAtoms:
+    """OMP atoms given by gradient factors: atom i of problem p is [delta_i | delta_i (x) e_i].
+
+    delta: float32 (B, n, c) (c = C, or 1 for class slices), emb: float32 (B, n, D), both zero
+    on padding rows; counts int64 (B,); target: float64 (B, c(1+D)) (c*D without bias), the
+    gradient sum to match. Correlations with the residual use the Gram identity
+    <a_i, a_j> = (delta_i . delta_j)(bias + e_i . e_j): one new column of K = A A_S^T per step,
+    so a step costs O(n (c + D + t)) per problem instead of O(n c D) for a dense product.
+    Factors are kept transposed, (B, c + D, n), which makes the per-step products row-vector
+    times matrix (the fast layout for batched matrix-vector products on CPU).
+    """
+
+    def __init__(
+        self, delta: torch.Tensor, emb: torch.Tensor, counts: torch.Tensor, target: torch.Tensor,
+        bias: bool,
+    ) -> None:
+        self.batch, self.size, self.c = (int(s) for s in delta.shape)
+        self.dim_e = int(emb.shape[2])
+        self.device = delta.device
+        self.bias = float(bias)
+        self._ft = torch.cat([delta.float(), emb.float()], 2).transpose(1, 2).contiguous()
+        self.counts = torch.as_tensor(counts, dtype=torch.int64, device=self.device)
+        self.target = target.to(device=self.device, dtype=torch.float64)
+        c, nb = self.c, self.batch
+        tb = self.target[:, :c] if bias else self.target.new_zeros(nb, c)
+        tw = self.target[:, c * int(bias) :].reshape(nb, c, self.dim_e)
+        self._tb, self._tw = tb, tw
+        proj = torch.bmm(tw.float(), self._ft[:, c:])  # (B, c, n): W-part of the target times e
+        self._c0 = ((proj + tb.float().unsqueeze(2)) * self._ft[:, :c]).sum(1)
+        self._rows = torch.arange(nb, device=self.device)
+        self._k = torch.empty(0)
+
+    def target_sq_norm(self) -> torch.Tensor:
+        return (self.target * self.target).sum(1)
+
+    def sq_norms(self) -> torch.Tensor:
+        sq = self._ft * self._ft
+        return sq[:, : self.c].sum(1) * (self.bias + sq[:, self.c :].sum(1))
+
+    def start(self, capacity: int) -> None:
+        self._k = torch.zeros(self.batch, capacity, self.size, device=self.device)
+        self._sf = torch.zeros(
+            self.batch, capacity, self.c + self.dim_e, dtype=torch.float64, device=self.device
+        )
+        self._x = torch.zeros(self.batch, 2, self.c + self.dim_e, device=self.device)
+
+    def add(self, t: int, j: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.c
+        f32 = self._ft[self._rows, :, j] * take.unsqueeze(1)  # (B, c + D): [delta_t, e_t]
+        self._x[:, 0, :c], self._x[:, 1, c:] = f32[:, :c], f32[:, c:]
+        dots = torch.bmm(self._x, self._ft)  # (B, 2, n): delta . delta_t and e . e_t
+        self._k[:, t] = dots[:, 0] * (dots[:, 1] + self.bias)
+        f64 = f32.double()
+        self._sf[:, t] = f64
+        sd = torch.bmm(self._sf[:, : t + 1, :c], f64[:, :c].unsqueeze(2)).squeeze(2)
+        se = torch.bmm(self._sf[:, : t + 1, c:], f64[:, c:].unsqueeze(2)).squeeze(2)
+        proj = torch.bmm(self._tw, f64[:, c:].unsqueeze(2)).squeeze(2)  # (B, c)
+        return sd * (se + self.bias), (f64[:, :c] * (self._tb + proj)).sum(1)
+
+    def correlations(self, t: int, w: torch.Tensor) -> torch.Tensor:
+        if t == 0:
+            return self._c0.clone()
+        return self._c0 - torch.bmm(w.float().unsqueeze(1), self._k[:, :t]).squeeze(1)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None when unknown.
+
+    CUDA: free device memory plus what torch's caching allocator holds unused. CPU: MemAvailable
+    from /proc/meminfo (else available physical pages from sysconf).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(need: int, device: torch.device, share: float, what: str, hint: str) -> None:
+    """Raise GradientMemoryError (one line) if `need` bytes exceed `share` of free memory."""
+    free = free_memory(device)
+    if free is None or need <= share * free:
+        return
+    raise GradientMemoryError(
+        f"{what} needs about {need / GiB:.2f} GiB but only {share:g} of the "
+        f"{free / GiB:.2f} GiB free on {device} may be used; {hint}"
+    )

@@ -1,0 +1,311 @@
+"""Grad-Match strategies: a weighted subset whose last-layer gradient sum matches the full one.
+
+``gradmatch`` (per class): one non-negative OMP problem per class c, matching the sum of the
+class's gradient rows with budget k_c, all classes solved together as one padded batch.
+``gradmatchpb`` (per batch): atoms are the mean gradient rows of the mini-batches of a fixed,
+seeded partition (the trainer's batch size); OMP picks ceil(k / batch_size) batches, every sample
+of a chosen batch gets its batch's weight.
+
+With ``valid=True`` the target is the gradient of a held-out validation split instead: a fixed,
+seeded, stratified ``valid_fraction`` of the training set (the same every round), whose examples
+are never selected. Per class the target is the class's validation gradient sum scaled by
+n_c / m_c (train over validation count), per batch it is (number of batches / validation size)
+times the validation gradient sum, so weights keep the scale they have without ``valid``.
+
+See docs/gradmatch.md for the choices (tolerance, budget fill, first round, memory).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from subsetsel.selection.base import (
+    Selection,
+    SelectionContext,
+    Strategy,
+    budget,
+    fixed_partition,
+    register_strategy,
+    round_generator,
+)
+from subsetsel.selection.gradients import (
+    LastLayerAtoms,
+    LastLayerFactors,
+    check_memory,
+    final_linear,
+    last_layer_factors,
+)
+from subsetsel.selection.omp import DenseAtoms, complete_to_budget, nonneg_omp
+from subsetsel.selection.random import Random, RandomPB
+
+
+def class_budgets(k: int, counts: torch.Tensor) -> torch.Tensor:
+    """Split budget k over classes with `counts` (int64 (C,)) examples: the quotas k*n_c/N
+    rounded down, then +1 (i.e. rounded up) for the classes with the largest fractional parts
+    (ties: lower class id) until they sum to exactly min(k, N). Returns int64 (C,), <= counts."""
+    counts = counts.to(torch.int64).cpu()
+    total = int(counts.sum())
+    k = min(k, total)
+    if total == 0:
+        return torch.zeros_like(counts)
+    quota = counts.double() * k / total
+    base = quota.floor().to(torch.int64)
+    extra = k - int(base.sum())
+    frac = torch.where(base < counts, quota - base.double(), -1.0)
+    order = torch.sort(-frac, stable=True).indices[:extra]
+    base[order] += 1
+    return base
+
+
+def validation_split(
+    y: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified seeded split of range(len(y)): (train positions, validation positions), sorted.
+
+    Each class with n_c >= 2 examples gives max(1, round(fraction * n_c)) (at most n_c - 1) to
+    validation; the draw depends only on the seed, so every round holds out the same examples.
+    """
+    y = y.detach().cpu()
+    gen = round_generator(seed, 0, salt=31)
+    val = []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).squeeze(1)
+        n_c = members.numel()
+        if n_c < 2:
+            continue
+        m_c = min(n_c - 1, max(1, round(fraction * n_c)))
+        val.append(members[torch.randperm(n_c, generator=gen)[:m_c]])
+    val_idx = torch.cat(val).sort().values if val else torch.zeros(0, dtype=torch.int64)
+    mask = torch.ones(y.numel(), dtype=torch.bool)
+    mask[val_idx] = False
+    return torch.nonzero(mask).squeeze(1), val_idx
+
+
+@dataclass
+class _GradMatchBase(Strategy):
+    """Shared parameters; see the module docstring and docs/gradmatch.md."""
+
+    lam: float = 0.5
+    eps: float = 1e-6
+    valid: bool = False
+    valid_fraction: float = 0.1
+    random_first: bool = False
+    memory_share: float = 0.5
+    check_every: int = 16
+    needs_model: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if not 0.0 < self.memory_share <= 1.0:
+            raise ValueError(f"memory_share must be in (0, 1], got {self.memory_share}")
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
+        self.last_info: dict[str, Any] = {}
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        if self.random_first and ctx.epoch == 0:
+            self.last_info = {"random_first": True}
+            return self._random(ctx)
+        data = ctx.dataset
+        n = len(data)
+        if self.valid:
+            cand, val = validation_split(data.y_train, self.valid_fraction, self.seed)
+        else:
+            cand, val = torch.arange(n), torch.zeros(0, dtype=torch.int64)
+        k = min(budget(self.fraction, n), cand.numel())
+        layer = final_linear(ctx.model)
+        need = self._bytes(ctx, cand, k, layer.in_features, layer.out_features)
+        check_memory(need, data.device, self.memory_share, f"{self.name} on {n} examples",
+                     self._hint())
+        start = time.perf_counter()
+        factors = last_layer_factors(ctx.model, data.x_train, data.y_train,
+                                     class_slice=self._class_slice())
+        grad_seconds = time.perf_counter() - start
+        selection = self._choose(ctx, factors, cand.to(data.device), val.to(data.device), k)
+        self.last_info["gradient_seconds"] = grad_seconds
+        return selection
+
+    def _solve(self, atoms: Any, budgets: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        result = nonneg_omp(atoms, budgets, lam=self.lam, eps=self.eps,
+                            check_every=self.check_every)
+        pos, weights, filled = complete_to_budget(result, budgets, atoms.counts)
+        self.last_info = {
+            "omp_seconds": time.perf_counter() - start,
+            "residual": result.residual.cpu().tolist(),
+            "filled": int(filled.sum()),
+            "zero_weight_picks": int(((result.slots >= 0) & (result.weights <= 0)).sum()),
+        }
+        return result, pos, weights
+
+    def _class_slice(self) -> bool:
+        return False
+
+    def _random(self, ctx: SelectionContext) -> Selection:
+        raise NotImplementedError
+
+    def _hint(self) -> str:
+        raise NotImplementedError
+
+    def _choose(
+        self, ctx: SelectionContext, factors: LastLayerFactors, cand: torch.Tensor,
+        val: torch.Tensor, k: int,
+    ) -> Selection:
+        raise NotImplementedError
+
+    def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
+               ) -> int:
+        raise NotImplementedError
+
+
+def _factor_sums(delta: torch.Tensor, emb: torch.Tensor, bias: bool) -> torch.Tensor:
+    """float64 (B, c(1+D)): sums of the rows [delta | delta (x) e] over dim 1 of (B, m, .) factors
+    (padding rows must have delta = 0)."""
+    outer = torch.bmm(delta.transpose(1, 2).double(), emb.double()).flatten(1)
+    return torch.cat([delta.double().sum(1), outer], 1) if bias else outer
+
+
+@register_strategy
+@dataclass
+class GradMatch(_GradMatchBase):
+    """Grad-Match per class: one NN-OMP per class (budgets `class_budgets`), batched.
+
+    per_gradient: match only each class's own slice of the gradient (bias entry c and row c of
+    dL/dW), the reference's PerClassPerGradient variant (1 + D floats per sample instead of
+    C(1+D)).
+    """
+
+    name = "gradmatch"
+    lam: float = 0.5
+    per_gradient: bool = False
+
+    def _class_slice(self) -> bool:
+        return self.per_gradient
+
+    def _random(self, ctx: SelectionContext) -> Selection:
+        return Random(self.fraction, self.seed).select(ctx)
+
+    def _hint(self) -> str:
+        return "use --strategy gradmatchpb, --per-gradient, or a smaller --fraction"
+
+    def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
+               ) -> int:
+        n = len(ctx.dataset)
+        c = 1 if self.per_gradient else classes
+        counts = torch.bincount(ctx.dataset.y_train.cpu()[cand], minlength=classes)
+        kc = int(class_budgets(k, counts).max()) if k else 0
+        groups, width = int((counts > 0).sum()), int(counts.max()) if counts.numel() else 0
+        factors = 4 * n * (c + dim)
+        padded = 4 * groups * width * (c + dim + kc)  # delta, emb and the correlation Gram K
+        support = 8 * groups * kc * (c + dim + 2 * kc + 8)  # chosen factors, G, H, vectors
+        return factors + padded + support
+
+    def _choose(
+        self, ctx: SelectionContext, factors: LastLayerFactors, cand: torch.Tensor,
+        val: torch.Tensor, k: int,
+    ) -> Selection:
+        y = ctx.dataset.y_train
+        groups, counts = _group_by_class(y, cand)
+        mask = (groups >= 0).unsqueeze(2)
+        delta = factors.delta[groups.clamp_min(0)] * mask
+        emb = factors.emb[groups.clamp_min(0)] * mask
+        target = _factor_sums(delta, emb, factors.bias)
+        if val.numel():
+            vgroups, vcounts = _group_by_class(y, val, classes=y[groups[:, 0]])
+            vmask = (vgroups >= 0).unsqueeze(2)
+            vd = factors.delta[vgroups.clamp_min(0)] * vmask
+            ve = factors.emb[vgroups.clamp_min(0)] * vmask
+            scale = (counts.double() / vcounts.clamp_min(1).double()).unsqueeze(1)
+            vt = _factor_sums(vd, ve, factors.bias) * scale
+            target = torch.where((vcounts > 0).unsqueeze(1), vt, target)
+        budgets = class_budgets(k, counts.cpu()).to(y.device)
+        atoms = LastLayerAtoms(delta, emb, counts, target, factors.bias)
+        _, pos, weights = self._solve(atoms, budgets)
+        keep = pos >= 0
+        indices = groups.gather(1, pos.clamp_min(0))[keep]
+        order = indices.argsort()
+        return Selection(indices[order], weights[keep][order], epoch=ctx.epoch)
+
+
+def _group_by_class(
+    y: torch.Tensor, members: torch.Tensor, classes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad `members` (increasing positions into y) into one row per class.
+
+    Returns (int64 (B, n_max) positions, -1 padded, increasing within a row; int64 (B,) counts)
+    for the classes present in y[members] (sorted), or for the given class ids."""
+    labels = y[members]
+    if classes is None:
+        classes = torch.unique(labels)
+    order = torch.argsort(labels, stable=True)
+    labels, members = labels[order], members[order]
+    starts = torch.searchsorted(labels, classes)
+    counts = torch.searchsorted(labels, classes, right=True) - starts
+    width = max(1, int(counts.max())) if counts.numel() else 1
+    offset = torch.arange(width, device=y.device).unsqueeze(0)
+    inside = offset < counts.unsqueeze(1)
+    if members.numel() == 0:
+        return torch.full(inside.shape, -1, dtype=torch.int64, device=y.device), counts
+    at = (starts.unsqueeze(1) + offset).clamp_max(members.numel() - 1)
+    return torch.where(inside, members[at], -1), counts
+
+
+@register_strategy
+@dataclass
+class GradMatchPB(_GradMatchBase):
+    """Grad-Match per batch: NN-OMP over the mean gradients of a fixed partition into batches of
+    the trainer's batch size (`fixed_partition` of the candidate examples, seeded); picks
+    ceil(k / batch_size) batches; Selection.batch_ids are the chosen batches' ids."""
+
+    name = "gradmatchpb"
+    lam: float = 0.0
+
+    def _random(self, ctx: SelectionContext) -> Selection:
+        return RandomPB(self.fraction, self.seed).select(ctx)
+
+    def _hint(self) -> str:
+        return "use --strategy gradmatch (per class), a larger --batch-size or a smaller --fraction"
+
+    def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
+               ) -> int:
+        n = len(ctx.dataset)
+        m = math.ceil(cand.numel() / ctx.batch_size)
+        kb = min(m, math.ceil(k / ctx.batch_size))
+        d = classes * (dim + 1)
+        return 4 * n * (classes + dim) + 4 * m * d + 8 * kb * (d + 2 * kb + 8)
+
+    def _choose(
+        self, ctx: SelectionContext, factors: LastLayerFactors, cand: torch.Tensor,
+        val: torch.Tensor, k: int,
+    ) -> Selection:
+        batches = [cand[b.to(cand.device)] for b in
+                   fixed_partition(cand.numel(), ctx.batch_size, self.seed)]
+        rows = factors.batch_mean_rows(batches)
+        m = len(batches)
+        if val.numel():
+            vd, ve = factors.delta[val].unsqueeze(0), factors.emb[val].unsqueeze(0)
+            target = _factor_sums(vd, ve, factors.bias)[0] * (m / val.numel())
+        else:
+            target = rows.double().sum(0)
+        kb = min(m, math.ceil(k / ctx.batch_size))
+        atoms = DenseAtoms(rows, target)
+        _, pos, weights = self._solve(atoms, torch.tensor([kb], device=rows.device))
+        keep = pos[0] >= 0
+        ids, batch_w = pos[0][keep].cpu(), weights[0][keep].cpu()
+        order = ids.argsort()
+        ids, batch_w = ids[order], batch_w[order]
+        chosen = [batches[i] for i in ids.tolist()]
+        indices = torch.cat(chosen).cpu()
+        per_sample = torch.repeat_interleave(batch_w, torch.tensor([b.numel() for b in chosen]))
+        return Selection(indices, per_sample, epoch=ctx.epoch, batch_ids=ids)

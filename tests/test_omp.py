@@ -1,0 +1,190 @@
+"""Non-negative OMP: exactness against scipy's nnls, monotonicity, budgets, degenerate inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls
+
+from subsetsel.selection.omp import (
+    DenseAtoms,
+    complete_to_budget,
+    nonneg_omp,
+    nonneg_omp_dense,
+)
+
+
+def _problem(seed: int, n: int = 120, d: int = 30, shift: float = 0.0, target: str = "random"):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=gen) + shift
+    b = a.sum(0) if target == "sum" else 5 * torch.randn(d, generator=gen)
+    return a, b
+
+
+def _scipy_weights(a: torch.Tensor, b: torch.Tensor, support: torch.Tensor, lam: float):
+    """argmin ||A_S^T w - b||^2 + lam ||w||^2, w >= 0, via nnls on [A_S^T; sqrt(lam) I]."""
+    a_s = a[support].double().numpy()
+    m = np.vstack([a_s.T, math.sqrt(lam) * np.eye(len(support))])
+    rhs = np.concatenate([b.double().numpy(), np.zeros(len(support))])
+    return nnls(m, rhs, maxiter=50 * len(support))[0]
+
+
+def _support(result, p: int = 0) -> torch.Tensor:
+    return result.slots[p][result.slots[p] >= 0]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 3.0])
+@pytest.mark.parametrize("seed,shift,target", [(0, 0.0, "random"), (1, 0.5, "random"),
+                                               (2, 0.0, "sum"), (3, 0.3, "sum")])
+@pytest.mark.parametrize("check_every", [1, 16])
+def test_weights_equal_scipy_nnls_on_the_chosen_support(lam, seed, shift, target, check_every):
+    a, b = _problem(seed, shift=shift, target=target)
+    result = nonneg_omp(DenseAtoms(a, b), 25, lam=lam, check_every=check_every)
+    support = _support(result)
+    expected = _scipy_weights(a, b, support, lam)
+    got = result.weights[0][: len(support)].numpy()
+    assert (got >= 0).all()
+    np.testing.assert_allclose(got, expected, atol=1e-6 * max(1.0, expected.max()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_active_constraints_are_handled_exactly(lam):
+    """More atoms than dimensions and an off-centre cone: Lawson-Hanson must zero some chosen
+    atoms (removals) and the result still equals nnls on the support."""
+    zeros = 0
+    for seed in range(4):
+        a, b = _problem(seed, n=200, d=20, shift=0.5)
+        result = nonneg_omp(DenseAtoms(a, b), 60, lam=lam)
+        support = _support(result)
+        expected = _scipy_weights(a, b, support, lam)
+        got = result.weights[0][: len(support)].numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-6 * expected.max(), rtol=1e-6)
+        zeros += int((got == 0).sum())
+        # stopped early only at the global optimum: no unchosen atom correlates positively
+        if len(support) < 60:
+            unchosen = torch.ones(200, dtype=torch.bool)
+            unchosen[support] = False
+            rnorm = result.residual[0] * b.double().norm()
+            limit = 1e-5 * a.norm(dim=1).max() * rnorm + 1e-6
+            assert result.correlations[0][unchosen].max() <= limit
+    assert zeros > 0
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_objective_and_residual_never_increase(lam):
+    a, b = _problem(4, n=300, d=100, target="sum")
+    result = nonneg_omp(DenseAtoms(a, b), 60, lam=lam, check_every=8)
+    f = result.objective[0]
+    f = f[~torch.isnan(f)]
+    assert len(f) == 61
+    assert (f[1:] <= f[:-1] * (1 + 1e-12) + 1e-9).all()
+    assert f[-1] < 0.2 * f[0]
+    if lam == 0:  # then f is the squared residual itself
+        assert math.isclose(float(f[-1]).__pow__(0.5) / b.double().norm(), result.residual[0],
+                            rel_tol=1e-6)
+
+
+def test_budget_is_met_exactly_and_result_is_deterministic():
+    a, b = _problem(5, n=500, d=64, target="sum")
+    r1 = nonneg_omp(DenseAtoms(a, b), 40, lam=0.5)
+    r2 = nonneg_omp(DenseAtoms(a, b), 40, lam=0.5)
+    assert int(r1.steps[0]) == 40
+    assert torch.equal(r1.slots, r2.slots) and torch.equal(r1.weights, r2.weights)
+    pos, weights, filled = complete_to_budget(r1, 40, torch.tensor([500]))
+    assert pos.shape == (1, 40) and len(set(pos[0].tolist())) == 40
+    assert (weights > 0).all()
+    assert int(filled[0]) == int((r1.weights[0] == 0).sum())
+
+
+def test_batched_problems_equal_separate_solves():
+    """Three problems of different sizes and budgets, padded into one batch."""
+    sizes, budgets, d = [90, 150, 60], [12, 30, 7], 24
+    gen = torch.Generator().manual_seed(6)
+    mats = [torch.randn(n, d, generator=gen) + 0.2 for n in sizes]
+    targets = [m.sum(0) if i != 1 else 4 * torch.randn(d, generator=gen)
+               for i, m in enumerate(mats)]
+    padded = torch.zeros(3, max(sizes), d)
+    for i, m in enumerate(mats):
+        padded[i, : len(m)] = m
+    batched = nonneg_omp(DenseAtoms(padded, torch.stack(targets), torch.tensor(sizes)),
+                         torch.tensor(budgets), lam=0.5)
+    for i, (m, t, k) in enumerate(zip(mats, targets, budgets, strict=True)):
+        alone = nonneg_omp(DenseAtoms(m, t), k, lam=0.5)
+        assert int(batched.steps[i]) == int(alone.steps[0]) == k
+        assert torch.equal(batched.slots[i, :k], alone.slots[0])
+        torch.testing.assert_close(batched.weights[i, :k], alone.weights[0], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(batched.residual[i], alone.residual[0], rtol=1e-6, atol=1e-9)
+        assert (batched.slots[i, k:] == -1).all()
+    assert (batched.correlations[2, 60:] == -math.inf).all()  # padding never chosen
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_duplicate_and_zero_rows(lam):
+    a, b = _problem(7, n=40, d=16, target="sum")
+    a = torch.cat([a, a[:20], torch.zeros(10, 16)])  # 20 duplicated rows, 10 all-zero rows
+    result = nonneg_omp(DenseAtoms(a, b), 30, lam=lam)
+    support = _support(result)
+    assert torch.isfinite(result.weights).all() and (result.weights >= 0).all()
+    assert not (support >= 60).any()  # zero rows are never picked
+    expected = _scipy_weights(a, b, support, lam)
+    got = result.weights[0][: len(support)].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5 * expected.max())
+
+
+def test_budget_at_least_n_and_zero_target():
+    a, b = _problem(8, n=12, d=30, target="sum")
+    result = nonneg_omp(DenseAtoms(a, b), 50, lam=0.0)
+    assert int(result.steps[0]) <= 12
+    pos, weights, _ = complete_to_budget(result, 50, torch.tensor([12]))
+    assert sorted(pos[0].tolist()) == list(range(12))  # every atom, once
+    assert (weights > 0).all()
+    # zero target: nothing to match, OMP picks nothing, the fill uses count/budget weights
+    zero = nonneg_omp(DenseAtoms(a, torch.zeros(30)), 4)
+    assert int(zero.steps[0]) == 0 and zero.residual[0] == 0
+    pos, weights, filled = complete_to_budget(zero, 4, torch.tensor([12]))
+    assert int(filled[0]) == 4 and torch.allclose(weights, torch.full((1, 4), 3.0))
+
+
+def test_tolerance_stops_early_and_fill_is_at_the_mean_weight():
+    """b is a positive combination of 3 atoms: OMP reaches ||r|| <= eps ||b|| after 3 picks and
+    complete_to_budget fills the rest by correlation at the mean OMP weight."""
+    a, _ = _problem(9, n=50, d=30)
+    b = 2.0 * a[3] + 1.0 * a[17] + 3.0 * a[30]
+    result = nonneg_omp(DenseAtoms(a, b), 10, lam=0.0, eps=1e-6)
+    assert sorted(_support(result).tolist()) == [3, 17, 30]
+    assert result.residual[0] < 1e-6
+    pos, weights, filled = complete_to_budget(result, 10, torch.tensor([50]))
+    assert int(filled[0]) == 7
+    chosen = {int(p): float(w) for p, w in zip(pos[0], weights[0], strict=True)}
+    assert chosen[3] == pytest.approx(2.0) and chosen[30] == pytest.approx(3.0)
+    fills = [w for p, w in chosen.items() if p not in (3, 17, 30)]
+    assert fills == pytest.approx([2.0] * 7)
+    order = result.correlations[0].clone()
+    order[[3, 17, 30]] = -math.inf
+    assert set(chosen) - {3, 17, 30} == set(order.topk(7).indices.tolist())
+
+
+def test_dense_helper_and_argument_checks():
+    a, b = _problem(10, target="sum")
+    idx, w, result = nonneg_omp_dense(a, b, 5)
+    assert len(idx) == len(w) == 5 and (w > 0).all()
+    with pytest.raises(ValueError, match="lam"):
+        nonneg_omp(DenseAtoms(a, b), 5, lam=-1.0)
+    with pytest.raises(ValueError, match="check_every"):
+        nonneg_omp(DenseAtoms(a, b), 5, check_every=0)
+    with pytest.raises(ValueError, match="need A"):
+        DenseAtoms(a, b[:-1])
+
+
+def test_cpu_thread_count_is_restored():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = _problem(11)
+        nonneg_omp(DenseAtoms(a, b), 3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
