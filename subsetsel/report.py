@@ -86,7 +86,7 @@ class Run:
 
     @property
     def accuracies(self) -> list[float]:
-        return [float(r["test_acc"]) for r in self.records]
+        return [float(r["test_acc"]) for r in self.records if r["test_acc"] is not None]
 
     @property
     def final_acc(self) -> float:
@@ -178,6 +178,8 @@ def read_records(log_path: Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise RunDirError(f"{log_path}: line {number} is not a JSON object")
         missing = [k for k in _REQUIRED if not isinstance(record.get(k), (int, float))]
+        if missing == ["test_acc"] and record.get("test_acc", 0) is None:
+            missing = []  # an epoch without evaluation (--eval-every, `subsetsel select`)
         if missing:
             raise RunDirError(f"{log_path}: line {number} lacks numeric {', '.join(missing)}")
         records.append(record)
@@ -327,7 +329,7 @@ def first_reach(records: Sequence[dict[str, Any]], target: float, key: str) -> f
     """`record[key]` of the first record with test_acc >= target (ACC_SLACK allowed), or None
     when no record reaches it or that record lacks `key`."""
     for r in records:
-        if float(r["test_acc"]) >= target - ACC_SLACK:
+        if r["test_acc"] is not None and float(r["test_acc"]) >= target - ACC_SLACK:
             value = r.get(key)
             return None if value is None else float(value)
     return None

@@ -71,6 +71,7 @@ class TrainConfig:
     schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"
+    eval_every: int = 1  # epochs between test evaluations; 0: only after the last epoch
     slow_input: float = 0.0  # simulated upstream cost, seconds per batch of fresh examples
     replay: str | None = None  # path of a selection file to replay instead of selecting
     save_selections: str | None = None  # path of the selection file this run writes
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"--warm-start must be in [0, 1), got {self.warm_start}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.slow_input < 0:
             raise ValueError(f"--slow-input must be >= 0, got {self.slow_input}")
         _check_name("strategy", self.strategy, strategy_names())
@@ -434,7 +437,9 @@ class Trainer:
         for epoch in epochs:
             record = self._run_epoch(epoch)
             if bar is not None:
-                bar.set_postfix(acc=f"{record['test_acc']:.3f}", subset=record["subset_size"])
+                acc = record["test_acc"]
+                bar.set_postfix(acc="-" if acc is None else f"{acc:.3f}",
+                                subset=record["subset_size"])
             for callback in self.callbacks:
                 callback(record)
         return self._write_summary()
@@ -470,7 +475,10 @@ class Trainer:
         _sync(self.device)
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        test_acc, test_loss = self.evaluate()
+        test_acc = test_loss = None
+        every = self.config.eval_every
+        if epoch == self.total_epochs - 1 or (every and (epoch + 1) % every == 0):
+            test_acc, test_loss = self.evaluate()
         eval_seconds = time.perf_counter() - start
         self.elapsed += select_seconds + train_seconds
         self.total_counts.add(self.epoch_counts)
@@ -516,7 +524,7 @@ class Trainer:
         _atomic_write_text(self.out_dir / "config.json", json.dumps(info, indent=2))
 
     def _write_summary(self) -> dict[str, Any]:
-        accs = [r["test_acc"] for r in self.history]
+        accs = [r["test_acc"] for r in self.history if r["test_acc"] is not None]
         summary = {
             "final_acc": accs[-1] if accs else None,
             "best_acc": max(accs) if accs else None,

@@ -130,3 +130,18 @@ def test_bad_input_gives_one_line_errors(in_tmp, args, code, needle):
 def test_resume_of_a_folder_that_is_not_a_run(in_tmp):
     (in_tmp / "empty").mkdir()
     _assert_one_line_error(_invoke(["train", "--resume", "empty"]), 1)
+
+
+def test_select_saves_selections_and_evaluates_once(in_tmp):
+    result = _invoke(["select", *SMALL, "--strategy", "random", "--select-every", "1",
+                      "--out", "runs/s", "--save-selections", "s"])
+    assert result.exit_code == 0, result.output
+    log = read_log(in_tmp / "runs/s")
+    assert [r["test_acc"] is None for r in log] == [True, False]
+    assert [r.epoch for r in SelectionStore.open(in_tmp / "selections/s.h5").rounds] == [0, 1]
+    report = _invoke(["report", "runs/s", "--target", "0.05", "--reference", "runs/s", "--json"])
+    assert report.exit_code == 0, report.output
+
+
+def test_select_refuses_full_and_replay(in_tmp):
+    _assert_one_line_error(_invoke(["select", *SMALL, "--strategy", "full"]), 2)

@@ -19,9 +19,10 @@ def _register() -> None:
     from subsetsel.cli.onepass_cmd import onepass
     from subsetsel.cli.report_cmd import report_command
     from subsetsel.cli.search_cmd import search
-    from subsetsel.cli.train_cmd import train
+    from subsetsel.cli.train_cmd import select, train
 
     main.add_command(train)
+    main.add_command(select)
     main.add_command(list_command)
     main.add_command(inspect_command)
     main.add_command(onepass)

@@ -49,7 +49,7 @@ _DEFAULTS = TrainConfig()
 @click.option("--beta", type=float, help="sb, stale-sb: P(select) = percentile^beta [3].")
 @click.option("--history", type=int, help="sb, stale-sb: recent losses kept [1024].")
 @click.option("--floor", type=float, help="sb, stale-sb: minimum selection probability [0].")
-@click.option("--staleness", type=int, help="sb, stale-sb: epochs a cached loss is reused [2].")
+@click.option("--staleness", type=int, help="stale-sb [2], sb [1]: epochs a loss is reused.")
 @click.option("--keep", type=float, help="sb-keep [0.5], random-keep [0.25]: share backpropagated.")
 @click.option("--keep-start", type=float, help="sb-keep [0.5], random-keep [0]: active from.")
 @click.option("--keep-end", type=float, help="sb-keep [0.9], random-keep [1]: active until.")
@@ -66,6 +66,14 @@ _DEFAULTS = TrainConfig()
               type=click.Choice(["example-before-aug", "example-after-aug", "batch"]),
               help="echo: where to echo [example-before-aug].")
 @click.option("--shuffle-buffer", type=int, help="echo: shuffle buffer examples [8*batch].")
+@click.option("--lam", type=float, help="gradmatch [0.5], gradmatchpb [0]: OMP ridge weight.")
+@click.option("--eps", type=float, help="gradmatch*: OMP relative residual tolerance [1e-6].")
+@click.option("--valid", is_flag=True, default=None,
+              help="gradmatch*: match the gradient of a held-out validation split.")
+@click.option("--per-gradient", is_flag=True, default=None,
+              help="gradmatch: match only each class's own slice of the gradient.")
+@click.option("--eval-every", type=int, default=_DEFAULTS.eval_every, show_default=True,
+              help="Epochs between test evaluations (0: after the last epoch only).")
 @click.option("--slow-input", type=float, default=_DEFAULTS.slow_input, show_default=True,
               help="Simulated input cost, seconds per batch of fresh examples read.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -89,13 +97,21 @@ def train(
     from subsetsel.run import default_run_name, load_run_config, run
     from subsetsel.store import resolve_path
 
+    selecting = click.get_current_context().command.name == "select"
+
     if resume_dir is not None:
         config = load_run_config(resume_dir)
         out = Path(resume_dir)
     else:
         options = _with_policy_params(options)
+        grad = {k: options.pop(k) for k in ("lam", "eps", "valid", "per_gradient")}
+        options["strategy_params"] = {k: v for k, v in grad.items() if v is not None}
         config = TrainConfig(**options)  # type: ignore[arg-type]
         config.validate()
+        if selecting:
+            if config.strategy == "full" or config.replay is not None:
+                raise click.UsageError("select needs a selecting --strategy and no --replay")
+            config.eval_every = 0
         if config.replay is not None:
             config.replay = str(resolve_path(config.replay))
         name = default_run_name(config)
@@ -149,3 +165,12 @@ def _with_policy_params(options: dict[str, object]) -> dict[str, object]:
                 flag = "--" + key.replace("_", "-")
                 raise click.UsageError(f"{flag} does not apply to --policy {policy}")
     return {**options, "policy_params": params}
+
+
+select = click.Command(
+    "select",
+    callback=train.callback,
+    params=list(train.params),
+    help="Run a selecting strategy and save its selection schedule, without the per-epoch test "
+    "evaluation (one evaluation at the end). Same options as `train`.",
+)
