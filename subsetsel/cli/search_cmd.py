@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from subsetsel.cli.errors import one_line_errors
 from subsetsel.train import TrainConfig
+
+if TYPE_CHECKING:
+    from subsetsel.store import SelectionStore
 
 _DEFAULTS = TrainConfig()
 # base training options that default to the selection file's run config, then to TrainConfig's
@@ -111,8 +114,8 @@ def _search(
     space = parse_space(params)
     if trials is None:
         trials = grid_size(space) if sampler == "grid" else DEFAULT_TRIALS
-    base, selection_id = _base_config(selections, options, device, slow_input)
-    _preflight(base, space)
+    base, store = _base_config(selections, options, device, slow_input)
+    _preflight(base, store, space)
     reference = Reference.load(reference_dir) if reference_dir else None
     name = study_name or _default_name(base, selections, sampler)
     out = Path(out_dir) if out_dir else Path("search") / name
@@ -120,7 +123,7 @@ def _search(
     settings = SearchSettings(
         space=space, base=base, out_dir=out.resolve(), storage=url, study_name=name,
         sampler=sampler, n_trials=trials, seed=base.seed, pruner=pruner, workers=workers,
-        heartbeat=heartbeat, selection_id=selection_id, quiet=quiet,
+        heartbeat=heartbeat, selection_id=_identity(store), quiet=quiet,
     )
     study = run_search(settings)
     rows = results(study, space, reference)
@@ -155,12 +158,12 @@ def _search(
 
 def _base_config(
     selections: str | None, options: dict[str, Any], device: str, slow_input: float
-) -> tuple[TrainConfig, dict[str, Any]]:
-    """Base TrainConfig of every trial and the selection file's identity (empty: full data)."""
+) -> tuple[TrainConfig, SelectionStore | None]:
+    """Base TrainConfig of every trial and the opened selection file (None: full data)."""
     from subsetsel.store import SelectionStore, resolve_path
 
     values = {k: v for k, v in options.items() if v is not None}
-    selection_id: dict[str, Any] = {}
+    store = None
     replay = None
     if selections is not None:
         path = resolve_path(selections)
@@ -172,32 +175,36 @@ def _base_config(
             if key not in values and stored.get(key) is not None:
                 values[key] = stored[key]
         replay = str(store.path.resolve())
-        meta = store.metadata
-        selection_id = {
-            "fingerprint": meta.fingerprint, "created": meta.created, "strategy": meta.strategy,
-            "rounds": len(store.rounds), "dataset_size": meta.dataset_size,
-        }
     base = TrainConfig(
         **values, device=device, slow_input=slow_input, replay=replay,
         strategy="random" if replay else "full",
     )
     base.validate()
-    return base, selection_id
+    return base, store
 
 
-def _preflight(base: TrainConfig, space: Any) -> None:
+def _identity(store: SelectionStore | None) -> dict[str, Any]:
+    """What identifies a selection file across machines (its path may differ)."""
+    if store is None:
+        return {}
+    meta = store.metadata
+    return {
+        "fingerprint": meta.fingerprint, "created": meta.created, "strategy": meta.strategy,
+        "rounds": len(store.rounds), "dataset_size": meta.dataset_size,
+    }
+
+
+def _preflight(base: TrainConfig, store: SelectionStore | None, space: Any) -> None:
     """Fail before any trial: load the data, check the selection file against it and build
     every model of the space on it."""
     from subsetsel.data import load_dataset
     from subsetsel.models import build_model, default_model
-    from subsetsel.store import SelectionStore
 
     dataset = load_dataset(
         base.dataset, root=base.data_root, seed=base.seed, train_size=base.train_size,
         test_size=base.test_size,
     )
-    if base.replay is not None:
-        store = SelectionStore.open(base.replay)
+    if store is not None:
         store.check_compatible(
             fingerprint=dataset.fingerprint(), dataset_size=len(dataset), dataset=base.dataset
         )
