@@ -40,7 +40,7 @@ from subsetsel.selection.gradients import (
     final_linear,
     last_layer_factors,
 )
-from subsetsel.selection.omp import DenseAtoms, complete_to_budget, nonneg_omp
+from subsetsel.selection.omp import DenseAtoms, capacity, complete_to_budget, nonneg_omp
 from subsetsel.selection.random import Random, RandomPB
 
 
@@ -204,11 +204,11 @@ class GradMatch(_GradMatchBase):
         n = len(ctx.dataset)
         c = 1 if self.per_gradient else classes
         counts = torch.bincount(ctx.dataset.y_train.cpu()[cand], minlength=classes)
-        kc = int(class_budgets(k, counts).max()) if k else 0
+        cap = capacity(int(class_budgets(k, counts).max())) if k else 0
         groups, width = int((counts > 0).sum()), int(counts.max()) if counts.numel() else 0
         factors = 4 * n * (c + dim)
-        padded = 4 * groups * width * (c + dim + kc)  # delta, emb and the correlation Gram K
-        support = 8 * groups * kc * (c + dim + 2 * kc + 8)  # chosen factors, G, H, vectors
+        padded = 4 * groups * width * (3 * (c + dim) + cap)  # padded + transposed factors, K
+        support = 8 * groups * cap * (c + dim + 2 * cap + 8)  # chosen factors, G, H, vectors
         return factors + padded + support
 
     def _choose(
@@ -281,9 +281,9 @@ class GradMatchPB(_GradMatchBase):
                ) -> int:
         n = len(ctx.dataset)
         m = math.ceil(cand.numel() / ctx.batch_size)
-        kb = min(m, math.ceil(k / ctx.batch_size))
+        cap = min(m, capacity(min(m, math.ceil(k / ctx.batch_size))))
         d = classes * (dim + 1)
-        return 4 * n * (classes + dim) + 4 * m * d + 8 * kb * (d + 2 * kb + 8)
+        return 4 * n * (classes + dim) + 4 * m * d + 8 * cap * (d + 2 * cap + 8)
 
     def _choose(
         self, ctx: SelectionContext, factors: LastLayerFactors, cand: torch.Tensor,

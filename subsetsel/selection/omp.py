@@ -2,32 +2,40 @@
 
 Problem p of a batch: atoms a_1..a_n (the rows of A_p, n x d), a target b_p (d,), a budget k_p.
 
-    minimise  f(w) = ||b - A_S^T w||^2 + lam * ||w||^2   over w >= 0 on a support S, |S| <= k_p
+    minimise  f(w) = ||b - A_S^T w||^2 + lam * ||w||^2   over w >= 0 on a support S
 
-Greedy step: with r = b - A_S^T w the residual, pick the not-yet-chosen atom with the largest
-positive correlation <a_i, r> (for w_i = 0 this is minus half the gradient of f in w_i, so the
-pick is the steepest KKT violation over all atoms), add it to S, and re-solve the non-negative
-ridge problem on S.
+with at most k_p atoms of positive weight. Greedy step: with r = b - A_S^T w the residual, pick
+the not-yet-chosen atom with the largest positive correlation <a_i, r> (for w_i = 0 this is minus
+half the gradient of f in w_i, so the pick is the steepest KKT violation over all atoms), add it
+to S, and re-solve the non-negative ridge problem on S. Chosen atoms are masked: never re-picked.
 
 The solve is a Lawson-Hanson active-set method restricted to S and warm-started from the previous
 solution. It keeps, for the passive set P (the atoms of S with w > 0), the inverse of the ridge
 Gram matrix G_PP = A_P A_P^T + lam*I, updated in O(|S|^2) per change: bordering when an atom
 enters P, a rank-one Schur-complement downdate when one leaves it. Unlike a Cholesky factor,
 this supports removing any atom with one vectorised rank-one update (no sequential Givens sweep),
-so batched problems stay in lock-step on a GPU. The small matrices are float64; the correlations
-over all n atoms (the O(n d) part) are float32.
+so batched problems stay in lock-step on a GPU. The small matrices are float64 (each exact solve
+also applies one step of iterative refinement against G); the correlations over all n atoms (the
+O(n d) part) are float32.
 
-No host synchronisation happens inside a step: every problem runs the same fixed sequence of
-tensor ops, stopped problems are masked. Each step does one Lawson-Hanson iteration (a removal if
-the new unconstrained solution is infeasible). Every `check_every` steps, and at the end, an exact
-Lawson-Hanson loop (with host checks, float64 iterative refinement and the KKT re-entry test of
-zero-weight chosen atoms) runs to convergence, so the returned weights are the exact
-non-negative ridge solution on the returned support (checked against scipy's nnls in the tests).
+No host synchronisation happens inside a step on CUDA: every problem runs the same fixed
+sequence of tensor ops, stopped problems are masked. Each step does one Lawson-Hanson iteration
+(a removal if the new unconstrained solution is infeasible). Every `check_every` steps, and at
+the end, an exact Lawson-Hanson loop (with host checks and the KKT re-entry test of zero-weight
+chosen atoms) runs to convergence, so the returned weights are the exact non-negative ridge
+solution on the returned support (checked against scipy's nnls in the tests). On the CPU, where
+reading a flag costs nothing, that exact loop also runs after every step that left Lawson-Hanson
+unconverged, so every pick uses the exact solution on the current support (the same picks as
+re-solving from scratch each step); on CUDA the steps after such a step, up to the next check
+point, pick with a feasible but not yet optimal w.
 
-Stopping: problem p stops early when ||r|| <= eps * ||b||, or when no unchosen atom has a
-correlation above tol * max_i ||a_i|| * ||r|| (the non-negative optimum over all atoms is reached:
-more atoms would get weight 0). Then fewer than k_p atoms are chosen; `complete_to_budget` fills
-the rest (see there).
+Budget: a chosen atom whose weight the constraint w >= 0 sets to 0 does not count; OMP continues
+until k_p atoms have positive weight, for at most k_p + max(8, k_p/4) steps. If zeroed atoms
+re-enter later and more than k_p end positive, the smallest-weight ones are dropped from the
+support (and re-solved without them). Stopping early: when ||r|| <= eps * ||b||, or when no
+unchosen atom has a correlation above tol * max_i ||a_i|| * ||r|| (the non-negative optimum over
+all atoms is reached: more atoms would get weight 0), or when the step cap is reached. Then fewer
+than k_p atoms have positive weight; `complete_to_budget` fills the rest (see there).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import torch
 
 SIGMA_MIN = 1e-10  # an atom enters P only if its Schur complement exceeds this share of G_ii
 CPU_THREADS = 1  # torch threads while solving on the CPU (see `_cpu_threads`)
+SPARE, SPARE_MIN = 0.25, 8  # extra steps beyond the budget for atoms that end at weight 0
 
 
 class Atoms(Protocol):
@@ -131,16 +140,18 @@ class DenseAtoms:
 
 @dataclass
 class OMPResult:
-    """Output of `nonneg_omp` for B problems with capacity k = max budget.
+    """Output of `nonneg_omp` for B problems; T = steps taken by the longest problem.
 
-    slots: int64 (B, k) chosen atom per support slot in pick order, -1 for unused slots.
-    weights: float64 (B, k) non-negative weight per slot (0 for unused slots; a chosen atom can
-      also end with weight 0 when the non-negativity constraint is active for it).
-    objective: float64 (B, k+1) f(w) before step t (column t) and at the end (last used column);
-      NaN after a problem stopped.
+    slots: int64 (B, T) the support: chosen atom per slot in pick order, -1 for unused slots and
+      for atoms dropped to keep the budget.
+    weights: float64 (B, T) non-negative weight per slot (0 for unused slots; a chosen atom can
+      also end with weight 0 when the non-negativity constraint is active for it). At most
+      budget_p slots of problem p have positive weight.
+    objective: float64 (B, T+1) f(w) before step t (column t) and at the end (column = steps
+      taken by that problem); NaN after a problem stopped.
     residual: float64 (B,) final relative residual ||b - A_S^T w|| / ||b|| (0 when b = 0).
     correlations: float32 (B, n) final <a_i, r> for every atom (padding: -inf).
-    steps: int64 (B,) atoms chosen (<= budget).
+    steps: int64 (B,) atoms in the support (positive or zero weight).
     """
 
     slots: torch.Tensor
@@ -155,6 +166,12 @@ class OMPResult:
         out = torch.zeros(self.slots.shape[0], n + 1, dtype=torch.float64, device=self.slots.device)
         out.scatter_(1, torch.where(self.slots < 0, n, self.slots), self.weights)
         return out[:, :n]
+
+
+def capacity(budget: int) -> int:
+    """Most OMP steps for a budget: budget + max(8, ceil(budget / 4)) (0 for budget 0); the
+    spare steps replace chosen atoms that end at weight 0."""
+    return budget + max(SPARE_MIN, math.ceil(SPARE * budget)) if budget > 0 else 0
 
 
 @contextlib.contextmanager
@@ -293,6 +310,30 @@ class _NNLS:
         self.leave(s, first, infeasible)
         return infeasible
 
+    def unsettled(self, s: int, infeasible: torch.Tensor, bb: torch.Tensor, lam: float,
+                  thr: torch.Tensor) -> bool:
+        """On the CPU (reading flags is free): whether the last step left Lawson-Hanson
+        unconverged: a removal happened, or a zero-weight chosen atom violates its KKT
+        condition. On CUDA: False, the exact solve waits for the next check point."""
+        if infeasible.device.type != "cpu":
+            return False
+        if bool(infeasible.any()):
+            return True
+        zero_set = self.live[:, :s] & ~self.passive[:, :s] & ~self.blocked[:, :s]
+        if not bool(zero_set.any()):
+            return False
+        return bool(self._entering(s, bb, lam, thr, zero_set)[0].any())
+
+    def _entering(self, s: int, bb: torch.Tensor, lam: float, thr: torch.Tensor,
+                  candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask (B,), slot (B,)): the candidate slot with the largest KKT violation
+        q_i = <a_i, r> - lam w_i, where it exceeds thr[p] * ||r||."""
+        q = self.gradient(s)
+        w = self.w[:, :s]
+        rsq = (bb - (w * (self.h[:, :s] + q)).sum(1) - lam * (w * w).sum(1)).clamp_min(0.0)
+        viol, i = torch.where(candidate, q, -math.inf).max(1)
+        return viol > thr * rsq.sqrt(), i
+
     def gradient(self, s: int) -> torch.Tensor:
         """q = h - G w (B, s): minus half the gradient of f; q_i = <a_i, r> - lam w_i."""
         return self.h[:, :s] - _matvec(self.G[:, :s, :s], self.w[:, :s])
@@ -320,12 +361,9 @@ class _NNLS:
             self.refine(s)
             infeasible = self.step(s)
             self.w_is_z = False  # z was refined: use the exact objective formula
-            q = self.gradient(s)
-            w = self.w[:, :s]
-            rsq = (bb - (w * (self.h[:, :s] + q)).sum(1) - lam * (w * w).sum(1)).clamp_min(0.0)
             candidate = self.live[:, :s] & ~self.passive[:, :s] & ~self.blocked[:, :s]
-            viol, i = torch.where(candidate, q, -math.inf).max(1)
-            enter = ~infeasible & (viol > thr * rsq.sqrt())
+            violated, i = self._entering(s, bb, lam, thr, candidate)
+            enter = ~infeasible & violated
             self.enter(s, i, enter)
             if not bool((infeasible | enter).any()):
                 return
@@ -369,25 +407,27 @@ def _nonneg_omp(
     budgets = torch.as_tensor(budgets, dtype=torch.int64, device=device).expand(nb)
     budgets = torch.minimum(budgets.clamp_min(0), counts)
     k = int(budgets.max()) if nb else 0
+    cap = min(n, capacity(k))
     rows = torch.arange(nb, device=device)
-    atoms.start(max(k, 1))
-    state = _NNLS(nb, max(k, 1), device)
+    atoms.start(max(cap, 1))
+    state = _NNLS(nb, max(cap, 1), device)
     bb = atoms.target_sq_norm().to(torch.float64)
     amax = atoms.sq_norms().max(1).values.to(torch.float64).sqrt() if n else bb * 0
     thr = tol * amax
     chosen = torch.arange(n, device=device).unsqueeze(0) >= counts.unsqueeze(1)  # padding
-    slots = torch.full((nb, max(k, 1)), -1, dtype=torch.int64, device=device)
-    objective = torch.full((nb, max(k, 1) + 1), math.nan, dtype=torch.float64, device=device)
+    slots = torch.full((nb, max(cap, 1)), -1, dtype=torch.int64, device=device)
+    objective = torch.full((nb, cap + 1), math.nan, dtype=torch.float64, device=device)
     active = (budgets > 0) & (bb > 0)
     t = 0
-    while t < k:
+    while t < cap:
         w = state.w[:, :t]
         corr = atoms.correlations(t, w)
         f = state.objective(t, bb)
         rsq = (f - lam * (w * w).sum(1)).clamp_min(0.0)
         objective[:, t] = torch.where(active, f, math.nan)
         best, j = corr.masked_fill(chosen, -math.inf).max(1)
-        active &= (t < budgets) & (rsq > eps * eps * bb) & (best.double() > thr * rsq.sqrt())
+        positive = (state.passive[:, :t] & (w > 0)).sum(1)
+        active &= (positive < budgets) & (rsq > eps * eps * bb) & (best.double() > thr * rsq.sqrt())
         j = torch.where(active, j, 0)
         chosen[rows, j] |= active
         slots[:, t] = torch.where(active, j, -1)
@@ -399,29 +439,51 @@ def _nonneg_omp(
         state.live[:, t] = active
         state.enter_new(t, active)
         t += 1
-        state.step(t)
-        if t % check_every == 0 or t == k:
+        infeasible = state.step(t)
+        if t % check_every == 0 or t == cap or state.unsettled(t, infeasible, bb, lam, thr):
             state.solve(t, bb, lam, thr)
             if not bool(active.any()):
                 break
+    taken = state.live[:, :t].sum(1)
+    dropped = _trim(state, t, budgets, bb, lam, thr)
+    slots[:, :t] = slots[:, :t].masked_fill(dropped, -1)
     w = state.w[:, :t]
     state.w_is_z = False
     f = state.objective(t, bb)
     rsq = (f - lam * (w * w).sum(1)).clamp_min(0.0)
-    steps = (slots >= 0).sum(1)
-    objective[rows, steps] = f
+    objective[rows, taken] = f
     corr = atoms.correlations(t, w).masked_fill(
         torch.arange(n, device=device).unsqueeze(0) >= counts.unsqueeze(1), -math.inf
     )
     residual = torch.where(bb > 0, (rsq / bb.clamp_min(1e-300)).sqrt(), 0.0)
     return OMPResult(
-        slots=slots[:, :k],
-        weights=(state.w * (slots >= 0))[:, :k],
-        objective=objective[:, : k + 1],
+        slots=slots[:, :t],
+        weights=(state.w[:, :t] * (slots[:, :t] >= 0)),
+        objective=objective[:, : t + 1],
         residual=residual,
         correlations=corr,
-        steps=steps,
+        steps=(slots[:, :t] >= 0).sum(1),
     )
+
+
+def _trim(state: _NNLS, s: int, budgets: torch.Tensor, bb: torch.Tensor, lam: float,
+          thr: torch.Tensor) -> torch.Tensor:
+    """Where more than budget atoms ended with positive weight (zeroed atoms re-entered),
+    drop the smallest-weight one and re-solve until the budget holds. Returns the dropped
+    slots (B, s); they are blocked from re-entering and leave the support."""
+    dropped = torch.zeros_like(state.passive[:, :s])
+    for _ in range(s):
+        positive = state.passive[:, :s] & (state.w[:, :s] > 0)
+        over = positive.sum(1) > budgets
+        if not bool(over.any()):
+            break
+        j = torch.where(positive, state.w[:, :s], math.inf).argmin(1)
+        state.leave(s, j, over)
+        state.w[state.rows, j] = torch.where(over, 0.0, state.w[state.rows, j])
+        state.blocked[state.rows, j] |= over
+        dropped[state.rows, j] |= over
+        state.solve(s, bb, lam, thr)
+    return dropped
 
 
 def complete_to_budget(
@@ -429,12 +491,13 @@ def complete_to_budget(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exactly min(budget_p, count_p) atoms per problem, with their weights.
 
-    Atoms with positive OMP weight come first. When OMP stopped early or some
-    chosen atoms ended at weight 0, the remaining places go to the other atoms in decreasing order
-    of their final correlation with the residual (the ones the matched gradient is still missing
-    most; ties by index), each at the mean positive OMP weight of that problem (count_p / budget_p
-    if there is none), so filled atoms count as much as a typical chosen one rather than ~1/(N/k)
-    of it.
+    Atoms with positive OMP weight come first. When OMP stopped before budget_p atoms had
+    positive weight (tolerance reached, no positively correlated atom left, or the step cap), the
+    remaining places go to the other atoms in decreasing order of their final correlation with
+    the residual (the directions the matched gradient still misses most; ties by index), each at
+    the mean positive OMP weight of that problem (count_p / budget_p if there is none): a filled
+    example then counts like a typical chosen one in the weighted loss, instead of the ~k/N share
+    that weight 1 would give it next to OMP weights of scale N/k.
 
     Returns (positions int64 (B, m), weights float32 (B, m), filled int64 (B,)) with m the largest
     budget; positions are -1 and weights 0 past each problem's budget.
