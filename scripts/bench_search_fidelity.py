@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -31,15 +32,24 @@ DEFAULT_GRID = ["lr=0.01,0.1", "optimizer=sgd,adam", "weight_decay=0,5e-4"]
 RUNNER = "import sys; from subsetsel.cli import main; sys.argv[0] = 'subsetsel'; main()"
 
 
+CPU = {"total": 0.0}  # CPU seconds (user + sys) of the commands run so far
+
+
 def subsetsel(args: list[str]) -> tuple[float, str]:
-    """Run `subsetsel ARGS` in a fresh process; return (wall seconds, stdout)."""
+    """Run `subsetsel ARGS` in a fresh process; return (wall seconds, stdout). Its CPU seconds
+    are added to CPU["last"] / CPU["total"]."""
     print(f"$ subsetsel {shlex.join(args)}", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    CPU["last"] = cpu
+    CPU["total"] += cpu
     if done.returncode:
         sys.exit(f"command failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    print(f"  ({seconds:.1f} s)", flush=True)
+    print(f"  ({seconds:.1f} s wall, {cpu:.1f} s CPU)", flush=True)
     return seconds, done.stdout
 
 
@@ -70,7 +80,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads per process (OMP_NUM_THREADS); on a shared "
+                             "machine 1 avoids oversubscribed OpenMP threads stalling each other")
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -86,19 +100,24 @@ def main() -> None:
     search = ["search", "--sampler", "grid", "--workers", str(args.workers), "--quiet"]
     for p in grid:
         search += ["--param", p]
-    print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}", flush=True)
+    print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}, threads per "
+          f"process: {args.threads}", flush=True)
     strategy = args.strategy or best_strategy()
 
     full_s, _ = subsetsel([*search, "--full-data", *common, "--out", str(out / "full")])
+    full_cpu = CPU["last"]
     sel = out / "selection.h5"
     select_s, _ = subsetsel(
         ["train", "--strategy", strategy, "--fraction", str(args.fraction), *common,
          "--save-selections", str(sel), "--out", str(out / "select-run"), "--quiet"]
     )
+    subset_cpu = CPU["last"]
     subset_s, _ = subsetsel([*search, "--selections", str(sel), *common, "--out",
                              str(out / "subset")])
+    subset_cpu += CPU["last"]
     retrain_s, _ = subsetsel([*search, "--selections", str(sel), *common, "--out",
                               str(out / "subset"), "--retrain-best"])
+    retrain_cpu = CPU["last"]
 
     full, subset = load_trials(out / "full", names), load_trials(out / "subset", names)
     keys = sorted(full, key=lambda k: -full[k]["acc"])
@@ -138,6 +157,9 @@ def main() -> None:
           f"+ search {subset_s:.1f} s = {subset_total:.1f} s -> {full_s / subset_total:.2f}x "
           f"less; with the retraining of the best ({retrain_s:.1f} s): "
           f"{full_s / (subset_total + retrain_s):.2f}x")
+    print(f"CPU time: full-data search {full_cpu:.1f} s; subset (selection file + search) "
+          f"{subset_cpu:.1f} s -> {full_cpu / subset_cpu:.2f}x less; with the retraining "
+          f"({retrain_cpu:.1f} s): {full_cpu / (subset_cpu + retrain_cpu):.2f}x")
     print(f"sum of trial training seconds: full {full_train:.1f} s, subset {subset_train:.1f} s "
           f"({full_train / subset_train:.2f}x); selection run "
           f"{select_run['elapsed_seconds']:.1f} s (selecting {select_run['select_seconds']:.1f} s)")
@@ -152,6 +174,10 @@ def main() -> None:
         "seconds": {"full_search": full_s, "selection_file": select_s, "subset_search": subset_s,
                     "retrain_best": retrain_s, "full_trials_train": full_train,
                     "subset_trials_train": subset_train},
+        "cpu_seconds": {"full_search": full_cpu, "subset_total": subset_cpu,
+                        "retrain_best": retrain_cpu},
+        "threads": args.threads,
+        "load_average_end": os.getloadavg(),
         "configurations": [
             {"params": list(k), "full_acc": full[k]["acc"], "subset_acc": subset[k]["acc"],
              "full_seconds": full[k]["train_seconds"], "subset_seconds": subset[k]["train_seconds"]}
