@@ -54,7 +54,7 @@ class TrainConfig:
     test_size: int | None = None
     data_seed: int = 0  # generation/subsampling of the data; fixed across training seeds
     model: str | None = None  # None: the dataset's default model
-    strategy: str = "random"
+    strategy: str = "gradmatch"
     fraction: float = 0.1
     select_every: int = 5
     warm_start: float = 0.0

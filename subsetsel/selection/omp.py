@@ -355,18 +355,18 @@ class _NNLS:
     def solve(self, s: int, bb: torch.Tensor, lam: float, thr: torch.Tensor) -> None:
         """Run Lawson-Hanson to convergence on the first s slots (host-checked loop).
 
-        A zero-weight chosen atom re-enters P when its KKT violation q_i = <a_i, r> exceeds
-        thr[p] * ||r||."""
+        z is first recomputed from H with iterative refinement (drift control); a zero-weight
+        chosen atom re-enters P when its KKT violation q_i = <a_i, r> exceeds thr[p] * ||r||."""
+        self.refine(s)
         for _ in range(3 * s + 10):
-            self.refine(s)
             infeasible = self.step(s)
-            self.w_is_z = False  # z was refined: use the exact objective formula
             candidate = self.live[:, :s] & ~self.passive[:, :s] & ~self.blocked[:, :s]
             violated, i = self._entering(s, bb, lam, thr, candidate)
             enter = ~infeasible & violated
-            self.enter(s, i, enter)
             if not bool((infeasible | enter).any()):
                 return
+            if _maybe(enter):
+                self.enter(s, i, enter)
         warnings.warn("NN-OMP: Lawson-Hanson did not converge; weights are feasible but may be "
                       "slightly sub-optimal", RuntimeWarning, stacklevel=3)
 
