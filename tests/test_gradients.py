@@ -112,8 +112,11 @@ def test_memory_check_refuses_with_one_line(monkeypatch):
     monkeypatch.setattr(gradients, "free_memory", lambda device: 3 * 2**30)
     with pytest.raises(GradientMemoryError) as err:
         check_memory(2 * 2**30, torch.device("cpu"), 0.5, "gradmatch on 50000 examples",
-                     "use --strategy gradmatchpb")
+                     [("--strategy gradmatchpb", 2**29), ("--per-gradient", 2**31)])
     message = str(err.value)
     assert "\n" not in message
-    assert "2.00 GiB" in message and "1.5" not in message and "gradmatchpb" in message
+    assert message.startswith("gradmatch on 50000 examples needs about 2.00 GiB but only 0.5 of")
+    assert "try --strategy gradmatchpb (~0.50 GiB) or a smaller --fraction" in message
+    assert "--per-gradient" not in message  # does not fit: not suggested
+    assert message.endswith("a smaller --fraction")
     assert isinstance(err.value, MemoryError)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 CHUNK = 1024  # samples per forward pass
 GiB = 2**30
@@ -84,10 +85,8 @@ class LastLayerFactors:
         for start in range(0, m, step):
             group = batches[start : start + step]
             lengths = torch.tensor([b.numel() for b in group], device=self.delta.device)
-            pad = torch.full((len(group), size), -1, dtype=torch.int64)
-            for i, b in enumerate(group):
-                pad[i, : b.numel()] = b.cpu()
-            pad = pad.to(self.delta.device)
+            pad = pad_sequence([b.to(self.delta.device) for b in group], batch_first=True,
+                               padding_value=-1)
             mask = (pad >= 0).unsqueeze(2).to(torch.float32)
             delta = self.delta[pad.clamp_min(0)] * mask  # (g, size, C)
             emb = self.emb[pad.clamp_min(0)]
@@ -285,12 +284,28 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(need: int, device: torch.device, share: float, what: str, hint: str) -> None:
-    """Raise GradientMemoryError (one line) if `need` bytes exceed `share` of free memory."""
+def check_memory(
+    need: int, device: torch.device, share: float, what: str,
+    alternatives: Sequence[tuple[str, int]] = (),
+) -> None:
+    """Raise GradientMemoryError (one line) if `need` bytes exceed `share` of free memory.
+
+    alternatives: (CLI option text, bytes it would need); those that fit are suggested."""
     free = free_memory(device)
     if free is None or need <= share * free:
         return
+    fitting = [f"{option} (~{size_text(nbytes)})" for option, nbytes in alternatives
+               if nbytes <= share * free]
+    hint = (", ".join(fitting) + " or " if fitting else "") + "a smaller --fraction"
     raise GradientMemoryError(
-        f"{what} needs about {need / GiB:.2f} GiB but only {share:g} of the "
-        f"{free / GiB:.2f} GiB free on {device} may be used; {hint}"
+        f"{what} needs about {size_text(need)} but only {share:g} of the {size_text(free)} free "
+        f"on {device} may be used; try {hint}"
     )
+
+
+def size_text(nbytes: float) -> str:
+    """Bytes as '1.23 GiB' / '45.60 MiB' / '3.00 KiB' / '12 B'."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= 0.1 * scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"

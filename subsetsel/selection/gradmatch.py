@@ -17,6 +17,7 @@ See docs/gradmatch.md for the choices (tolerance, budget fill, first round, memo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -125,9 +126,10 @@ class _GradMatchBase(Strategy):
             cand, val = torch.arange(n), torch.zeros(0, dtype=torch.int64)
         k = min(budget(self.fraction, n), cand.numel())
         layer = final_linear(ctx.model)
-        need = self._bytes(ctx, cand, k, layer.in_features, layer.out_features)
-        check_memory(need, data.device, self.memory_share, f"{self.name} on {n} examples",
-                     self._hint())
+        size = (ctx, cand, k, layer.in_features, layer.out_features)
+        check_memory(self._bytes(*size), data.device, self.memory_share,
+                     f"{self.name} on {n} examples",
+                     [(option, alt._bytes(*size)) for option, alt in self._alternatives()])
         start = time.perf_counter()
         factors = last_layer_factors(ctx.model, data.x_train, data.y_train,
                                      class_slice=self._class_slice())
@@ -155,7 +157,8 @@ class _GradMatchBase(Strategy):
     def _random(self, ctx: SelectionContext) -> Selection:
         raise NotImplementedError
 
-    def _hint(self) -> str:
+    def _alternatives(self) -> list[tuple[str, _GradMatchBase]]:
+        """Other settings to suggest when memory does not suffice: (CLI option, strategy)."""
         raise NotImplementedError
 
     def _choose(
@@ -196,8 +199,13 @@ class GradMatch(_GradMatchBase):
     def _random(self, ctx: SelectionContext) -> Selection:
         return Random(self.fraction, self.seed).select(ctx)
 
-    def _hint(self) -> str:
-        return "use --strategy gradmatchpb, --per-gradient, or a smaller --fraction"
+    def _alternatives(self) -> list[tuple[str, _GradMatchBase]]:
+        pb = GradMatchPB(fraction=self.fraction, seed=self.seed, valid=self.valid,
+                         valid_fraction=self.valid_fraction)
+        out: list[tuple[str, _GradMatchBase]] = [("--strategy gradmatchpb", pb)]
+        if not self.per_gradient:
+            out.append(("--per-gradient", dataclasses.replace(self, per_gradient=True)))
+        return out
 
     def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
                ) -> int:
@@ -274,8 +282,10 @@ class GradMatchPB(_GradMatchBase):
     def _random(self, ctx: SelectionContext) -> Selection:
         return RandomPB(self.fraction, self.seed).select(ctx)
 
-    def _hint(self) -> str:
-        return "use --strategy gradmatch (per class), a larger --batch-size or a smaller --fraction"
+    def _alternatives(self) -> list[tuple[str, _GradMatchBase]]:
+        per_class = GradMatch(fraction=self.fraction, seed=self.seed, valid=self.valid,
+                              valid_fraction=self.valid_fraction, per_gradient=True)
+        return [("--strategy gradmatch --per-gradient", per_class)]
 
     def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
                ) -> int:
