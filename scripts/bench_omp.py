@@ -33,7 +33,7 @@ def make_problem(n: int, d: int, seed: int, device: torch.device):
     gen = torch.Generator().manual_seed(seed)
     mu = 0.5 * torch.randn(d, generator=gen)
     a = torch.randn(n, d, generator=gen) + mu
-    return a.to(device), a.double().sum(0).to(device)
+    return a.to(device), a.sum(0, dtype=torch.float64).to(device)
 
 
 def relative_residual(
