@@ -49,6 +49,9 @@ def main() -> None:
         trainer._run_epoch(epoch)
     strategies = {name: create_strategy(name, fraction=args.fraction, seed=0)
                   for name in ("gradmatch", "gradmatchpb")}
+    strategies["gradmatch-pergrad"] = create_strategy(
+        "gradmatch", fraction=args.fraction, seed=0, per_gradient=True
+    )
     times: dict[str, list[float]] = {"epoch": [], **{name: [] for name in strategies}}
     infos: dict[str, dict] = {}
     for rep in range(args.repeats):
@@ -72,7 +75,7 @@ def main() -> None:
         med = statistics.median(times[name])
         info = infos[name]
         res = info["residual"]
-        print(f"{name:12s} round: median {med:.3f} s = {med / epoch:.2f} epochs  "
+        print(f"{name:17s} round: median {med:.3f} s = {med / epoch:.2f} epochs  "
               f"[{', '.join(f'{t:.3f}' for t in times[name])}]  (last: gradients "
               f"{info['gradient_seconds']:.3f} s, OMP {info['omp_seconds']:.3f} s, "
               f"{info['size']} examples, filled {info['filled']}, relative residual "
