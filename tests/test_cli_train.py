@@ -145,3 +145,16 @@ def test_select_saves_selections_and_evaluates_once(in_tmp):
 
 def test_select_refuses_full_and_replay(in_tmp):
     _assert_one_line_error(_invoke(["select", *SMALL, "--strategy", "full"]), 2)
+
+
+def test_threads_option_sets_torch_threads(in_tmp):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = _invoke(["train", *SMALL, "--strategy", "full", "--threads", "3", "--out", "t"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 3
+        _assert_one_line_error(_invoke(["train", "--threads", "-1"]), 2)
+    finally:
+        torch.set_num_threads(before)

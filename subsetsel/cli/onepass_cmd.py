@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
+from subsetsel.cli.threads import threads_option
 from subsetsel.replay_buffer import INSERTIONS
 from subsetsel.stream import ALPHA_DECAYS, PRIORITIES, OnePassConfig
 
@@ -72,6 +73,7 @@ def default_run_name(config: OnePassConfig) -> str:
               help="Run directory for config.json, log.jsonl, summary.json (default runs/NAME).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@threads_option
 @one_line_errors
 def onepass(out_dir: str | None, quiet: bool, as_json: bool, **options: object) -> None:
     """Train in one pass over the data with a bounded (prioritised) replay buffer."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
+from subsetsel.cli.threads import threads_option
 from subsetsel.train import TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -88,6 +89,7 @@ _DEFAULTS = TrainConfig()
                    "(Cached-Grad-Match); rounds map to epochs by relative progress.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@threads_option
 @one_line_errors
 def train(
     out_dir: str | None, resume_dir: str | None, save_selections: str | None, quiet: bool,
