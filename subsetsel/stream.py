@@ -67,6 +67,7 @@ class OnePassConfig:
     data_root: str = "data"
     train_size: int | None = None
     test_size: int | None = None
+    data_seed: int = 0  # generation/subsampling of the data; fixed across training seeds
     model: str | None = None  # None: the dataset's default model
     storage: float = 0.05  # buffer capacity as a share of the training set, in (0, 1]
     insertion: str = "fifo"

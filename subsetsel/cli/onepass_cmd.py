@@ -1,7 +1,6 @@
 """`subsetsel onepass`: stream the training set once, replaying from a bounded buffer.
 
-Options shared with `subsetsel train` are declared here again (train_cmd.py declares its options
-inline, so sharing them would mean rewriting it); their defaults come from `TrainConfig`.
+Data, model and optimization options are shared with `subsetsel train` (cli/options.py).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
-from subsetsel.cli.threads import threads_option
+from subsetsel.cli.options import data_options, optimization_options, threads_option
 from subsetsel.replay_buffer import INSERTIONS
 from subsetsel.stream import ALPHA_DECAYS, PRIORITIES, OnePassConfig
 
@@ -31,13 +30,7 @@ def default_run_name(config: OnePassConfig) -> str:
 
 
 @click.command("onepass")
-@click.option("--dataset", default=_DEFAULTS.dataset, show_default=True,
-              help="Dataset name (see `subsetsel list`), or npz:PATH.")
-@click.option("--data-root", default=_DEFAULTS.data_root, show_default=True,
-              help="Folder holding torchvision datasets (never downloaded).")
-@click.option("--train-size", type=int, help="Subsample the training set to this many examples.")
-@click.option("--test-size", type=int, help="Subsample the test set to this many examples.")
-@click.option("--model", help="Model name (default: the dataset's default model).")
+@data_options
 @click.option("--storage", type=float, default=_DEFAULTS.storage, show_default=True,
               help="Replay buffer size as a share of the training set, in (0, 1].")
 @click.option("--insertion", type=click.Choice(INSERTIONS), default=_DEFAULTS.insertion,
@@ -57,18 +50,7 @@ def default_run_name(config: OnePassConfig) -> str:
               show_default=True, help="E of the reference run: compute % = backprops / (E N).")
 @click.option("--log-every", type=float, default=_DEFAULTS.log_every, show_default=True,
               help="Evaluate and log every this share of the stream.")
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--optimizer", default=_DEFAULTS.optimizer, show_default=True,
-              help="sgd, adam, adamw or rmsprop.")
-@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Learning rate.")
-@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True)
-@click.option("--nesterov/--no-nesterov", default=_DEFAULTS.nesterov, show_default=True)
-@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
-@click.option("--schedule", default=_DEFAULTS.schedule, show_default=True,
-              help="constant, cosine or step, over all optimizer steps of the run.")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@click.option("--device", default=_DEFAULTS.device, show_default=True,
-              help="auto, cpu, cuda or cuda:N.")
+@optimization_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Run directory for config.json, log.jsonl, summary.json (default runs/NAME).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -8,22 +8,14 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
-from subsetsel.cli.threads import threads_option
+from subsetsel.cli.options import data_options, optimization_options, threads_option
 from subsetsel.train import TrainConfig
 
 _DEFAULTS = TrainConfig()
 
 
 @click.command("train")
-@click.option("--dataset", default=_DEFAULTS.dataset, show_default=True,
-              help="Dataset name (see `subsetsel list`), or npz:PATH.")
-@click.option("--data-root", default=_DEFAULTS.data_root, show_default=True,
-              help="Folder holding torchvision datasets (never downloaded).")
-@click.option("--train-size", type=int, help="Subsample the training set to this many examples.")
-@click.option("--test-size", type=int, help="Subsample the test set to this many examples.")
-@click.option("--data-seed", type=int, default=_DEFAULTS.data_seed, show_default=True,
-              help="Seed of data generation/subsampling (kept fixed across training seeds).")
-@click.option("--model", help="Model name (default: the dataset's default model).")
+@data_options
 @click.option("--strategy", default=_DEFAULTS.strategy, show_default=True,
               help="Selection strategy (see `subsetsel list`).")
 @click.option("--fraction", type=float, default=_DEFAULTS.fraction, show_default=True,
@@ -33,18 +25,7 @@ _DEFAULTS = TrainConfig()
 @click.option("--warm-start", type=float, default=_DEFAULTS.warm_start, show_default=True,
               help="Kappa: ceil(kappa*epochs*fraction) full-data epochs first, compute matched.")
 @click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--optimizer", default=_DEFAULTS.optimizer, show_default=True,
-              help="sgd, adam, adamw or rmsprop.")
-@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Learning rate.")
-@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True)
-@click.option("--nesterov/--no-nesterov", default=_DEFAULTS.nesterov, show_default=True)
-@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
-@click.option("--schedule", default=_DEFAULTS.schedule, show_default=True,
-              help="constant, cosine or step (per epoch).")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@click.option("--device", default=_DEFAULTS.device, show_default=True,
-              help="auto, cpu, cuda or cuda:N.")
+@optimization_options
 @click.option("--policy", default=_DEFAULTS.policy, show_default=True,
               help="Per-batch policy (see `subsetsel list`; docs/online.md).")
 @click.option("--beta", type=float, help="sb, stale-sb: P(select) = percentile^beta [3].")
