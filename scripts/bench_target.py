@@ -1,0 +1,257 @@
+"""The product target on the default benchmark: does a 10 % subset (Grad-Match re-selecting, or
+Cached-Grad-Match replaying a stored Grad-Match schedule) get within 1 point of full-data test
+accuracy in at least 3x less wall time than full-data training, and does replay beat
+re-selecting on total time?
+
+    python scripts/bench_target.py                                  # 10 %, 20 epochs, 3 seeds
+    python scripts/bench_target.py --variants 0.1:20 0.2:20 0.1:40  # + other budgets
+
+Default benchmark: MNIST-1D (20k train / 2k test, data seed 0), cnn1d, SGD lr 0.05, cosine, 20
+epochs, one torch thread, runs sequential in this process. Per seed s and per variant
+(fraction:epochs): full data (once per seed), Random, each Grad-Match strategy (saving its
+selections), and a cached run that replays the Grad-Match file of seed (s + 1) mod n (a schedule
+from an earlier run with another initialisation, as a real cache would be). Finished runs
+(summary.json present) are reused.
+
+Numbers come from subsetsel.report with full data as the reference and A = lowest full-data final
+accuracy - 1 point: time and backprops to A, speedups against full data's time to A (the
+fixed-accuracy speedup), and `vs full run` = full data's total select+train seconds (all its
+epochs) / the method's seconds to A, the ratio the target asks for (>= 3). `total s` is the
+whole run (select + train); for cached runs the one-off cost of the source run is not included
+(it is the Grad-Match row's total).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from subsetsel.report import Stat, build_report, plot_report, read_run  # noqa: E402
+from subsetsel.run import run  # noqa: E402
+from subsetsel.train import TrainConfig  # noqa: E402
+
+SPEEDUP_GOAL = 3.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=Path("runs/target"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=20, help="full-data epochs")
+    p.add_argument("--variants", nargs="+", default=["0.1:20"],
+                   help="subset budgets as fraction:epochs")
+    p.add_argument("--gm", nargs="+", default=["gradmatch", "gradmatchpb"])
+    p.add_argument("--select-every", type=int, default=5)
+    p.add_argument("--train-size", type=int)
+    p.add_argument("--test-size", type=int)
+    p.add_argument("--max-load", type=float, default=2.5)
+    p.add_argument("--max-wait", type=float, default=900)
+    p.add_argument("--plot", type=Path, help="accuracy vs time plot (subsetsel.report)")
+    p.add_argument("--plot-variant", help="fraction:epochs to plot (default: the first)")
+    return p.parse_args(argv)
+
+
+def variant_slug(fraction: float, epochs: int) -> str:
+    return f"f{fraction:g}-e{epochs}"
+
+
+def ensure(cfg: TrainConfig, out: Path, commands: list[str]) -> Path:
+    """Run `cfg` into `out` unless a finished run is there."""
+    commands.append(cli_command(cfg, out))
+    if (out / "summary.json").exists():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    if cfg.save_selections:
+        Path(cfg.save_selections).unlink(missing_ok=True)
+        Path(cfg.save_selections).parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    summary = run(cfg, out)
+    (out / "load.json").write_text(json.dumps({"loadavg_1min_at_start": load}))
+    print(f"  {out.parent.name:12s} {out.name:28s} acc {summary['final_acc']:.4f}  "
+          f"{summary['elapsed_seconds']:6.1f} s (select {summary['select_seconds']:.2f} s)  "
+          f"load {load:.2f}", flush=True)
+    return out
+
+
+def cli_command(cfg: TrainConfig, out: Path) -> str:
+    args = ["subsetsel", "train", "--quiet", "--device", cfg.device, "--epochs", str(cfg.epochs),
+            "--seed", str(cfg.seed)]
+    for flag, value in (("--train-size", cfg.train_size), ("--test-size", cfg.test_size)):
+        if value is not None:
+            args += [flag, str(value)]
+    if cfg.replay:
+        args += ["--replay", cfg.replay]
+    else:
+        args += ["--strategy", cfg.strategy]
+        if cfg.strategy != "full":
+            args += ["--fraction", f"{cfg.fraction:g}", "--select-every", str(cfg.select_every)]
+        if cfg.save_selections:
+            args += ["--save-selections", cfg.save_selections]
+    return "OMP_NUM_THREADS=1 " + shlex.join(args + ["--out", str(out)])
+
+
+def run_all(args: argparse.Namespace, commands: list[str]) -> dict[str, dict[str, list[Path]]]:
+    """{variant: {method: [run dirs per seed]}}; 'full' under every variant."""
+    base = TrainConfig(train_size=args.train_size, test_size=args.test_size, device="cpu",
+                       select_every=args.select_every)
+    root: Path = args.root
+    dirs: dict[str, dict[str, list[Path]]] = {}
+    variants = [(float(f), int(e)) for f, e in (v.split(":") for v in args.variants)]
+    for seed in args.seeds:
+        full = ensure(replace(base, strategy="full", fraction=1.0, epochs=args.epochs, seed=seed),
+                      root / "full" / f"s{seed}", commands)
+        for fraction, epochs in variants:
+            slug = variant_slug(fraction, epochs)
+            table = dirs.setdefault(slug, {})
+            table.setdefault("full", []).append(full)
+            sub = replace(base, fraction=fraction, epochs=epochs, seed=seed)
+            table.setdefault("random", []).append(
+                ensure(replace(sub, strategy="random"), root / slug / f"random-s{seed}", commands))
+            for gm in args.gm:
+                sel = root / "selections" / f"{slug}-{gm}-s{seed}.h5"
+                table.setdefault(gm, []).append(ensure(
+                    replace(sub, strategy=gm, save_selections=str(sel)),
+                    root / slug / f"{gm}-s{seed}", commands))
+    for seed in args.seeds:  # every source file exists now
+        other = args.seeds[(args.seeds.index(seed) + 1) % len(args.seeds)]
+        for fraction, epochs in variants:
+            slug = variant_slug(fraction, epochs)
+            for gm in args.gm:
+                sel = root / "selections" / f"{slug}-{gm}-s{other}.h5"
+                cfg = replace(base, epochs=epochs, seed=seed, replay=str(sel))
+                dirs[slug].setdefault(f"cached-{gm}", []).append(
+                    ensure(cfg, root / slug / f"cached-{gm}-s{seed}", commands))
+    return dirs
+
+
+def rows_for(table: dict[str, list[Path]]) -> list[dict[str, Any]]:
+    """The report's numbers per method against full data (default A = full final - 1 point)."""
+    full = [read_run(p) for p in table["full"]]
+    full_total = Stat.of(r.elapsed_seconds for r in full)
+    assert full_total is not None
+    out = []
+    for name, paths in table.items():
+        runs = full if name == "full" else [read_run(p) for p in paths]
+        report = build_report(full if name == "full" else full + runs)
+        row = report.rows[0] if name == "full" else report.rows[-1]
+        t = row.time_to_target
+        out.append({
+            "method": name, "runs": len(runs), "target": row.target, "reached": row.reached,
+            "final_acc": _stat(Stat.of(r.final_acc for r in runs)),
+            "time_to_target": _stat(t),
+            "backprops_to_target": _stat(row.backprops_to_target),
+            "speedup_time": row.speedup_time, "speedup_backprops": row.speedup_backprops,
+            "vs_full_run": None if t is None else full_total.mean / t.mean,
+            "select_seconds": _stat(Stat.of(r.select_seconds for r in runs)),
+            "elapsed_seconds": _stat(Stat.of(r.elapsed_seconds for r in runs)),
+            "total_backpropagated": _stat(Stat.of(r.total_backpropagated for r in runs)),
+            "per_run_vs_full_run": [None if x is None else full_total.mean / x
+                                    for x in row.times],
+            "paths": [str(p) for p in paths],
+        })
+    return out
+
+
+def markdown(slug: str, rows: list[dict[str, Any]], full_epochs: int) -> str:
+    full = next(r for r in rows if r["method"] == "full")
+    lines = [
+        f"**{slug}** (subset fraction:epochs; full data {full_epochs} epochs); "
+        f"A = {100 * full['target']:.2f}"
+        f" % (lowest full final - 1 point); full-data mean final "
+        f"{100 * full['final_acc']['mean']:.2f} %",
+        "",
+        "| method | final acc % | time to A s | speedup (vs full to A) | speedup bp | vs full run "
+        "| target met (>= 3x vs full run) | select s | total s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        n = r["runs"]
+        reach = (_pm(r["time_to_target"], 1, 2) if r["reached"] == n else
+                 "not reached" if r["reached"] == 0 else f"{r['reached']}/{n} reached")
+        met = "-" if r["method"] == "full" else (
+            "yes" if r["vs_full_run"] is not None and r["vs_full_run"] >= SPEEDUP_GOAL else "no")
+        lines.append(
+            f"| {r['method']} | {_pm(r['final_acc'], 100, 2)} | {reach} | {_x(r['speedup_time'])} "
+            f"| {_x(r['speedup_backprops'])} | {_x(r['vs_full_run'])} | {met} "
+            f"| {_pm(r['select_seconds'], 1, 2)} | {_pm(r['elapsed_seconds'], 1, 2)} |")
+    by = {r["method"]: r for r in rows}
+    for name in [m for m in by if m.startswith("cached-")]:
+        gm = by[name[len("cached-"):]]
+        ratio = gm["elapsed_seconds"]["mean"] / by[name]["elapsed_seconds"]["mean"]
+        lines.append(f"\nre-selecting / replay total seconds ({name[7:]}): {ratio:.2f}x "
+                     f"({gm['elapsed_seconds']['mean']:.2f} s vs "
+                     f"{by[name]['elapsed_seconds']['mean']:.2f} s)")
+    return "\n".join(lines)
+
+
+def _stat(stat: Stat | None) -> dict[str, float] | None:
+    return None if stat is None else {"mean": stat.mean, "std": stat.std, "n": stat.n}
+
+
+def _pm(stat: dict[str, float] | None, scale: float, digits: int) -> str:
+    if stat is None:
+        return "-"
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    return text if stat["n"] < 2 else f"{text} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    print("command: " + shlex.join(["python", *sys.argv]), flush=True)
+    waited, load = 0.0, os.getloadavg()[0]
+    while load > args.max_load and waited < args.max_wait:
+        print(f"load average {load:.2f} > {args.max_load}: waiting 60 s", flush=True)
+        time.sleep(60)
+        waited += 60
+        load = os.getloadavg()[0]
+    print(f"load average {load:.2f} after waiting {waited:.0f} s; torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    commands: list[str] = []
+    dirs = run_all(args, commands)
+    results = {}
+    for slug, table in dirs.items():
+        rows = rows_for(table)
+        results[slug] = rows
+        print("\n" + markdown(slug, rows, args.epochs) + "\n", flush=True)
+    loads = [json.loads((p / "load.json").read_text())["loadavg_1min_at_start"]
+             for table in dirs.values() for paths in table.values() for p in paths
+             if (p / "load.json").exists()]
+    print(f"loads at run start: {min(loads, default=0):.2f}-{max(loads, default=0):.2f}")
+    args.root.mkdir(parents=True, exist_ok=True)
+    (args.root / "target.json").write_text(json.dumps(
+        {"results": results, "load_at_run_start": [min(loads, default=0), max(loads, default=0)]},
+        indent=1))
+    (args.root / "commands.txt").write_text("\n".join(dict.fromkeys(commands)) + "\n")
+    if args.plot:
+        if args.plot_variant:
+            fraction, epochs = args.plot_variant.split(":")
+            slug = variant_slug(float(fraction), int(epochs))
+        else:
+            slug = next(iter(dirs))
+        shown = dirs[slug]
+        plot_report(build_report([read_run(p) for ps in shown.values() for p in dict.fromkeys(ps)]),
+                    args.plot)
+        print(f"plot: {args.plot} ({slug})")
+
+
+if __name__ == "__main__":
+    main()
