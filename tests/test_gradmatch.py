@@ -21,6 +21,7 @@ from subsetsel.selection.gradmatch import (
 )
 from subsetsel.selection.random import Random
 from subsetsel.store import SelectionStore
+from subsetsel.train import read_log
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,14 @@ def test_cli_runs_and_writes_selection_files(in_tmp, strategy, extra, size, batc
         assert params["lam"] == 0.25 and params["eps"] == 1e-7
     if "--valid" in extra:
         assert params["valid"] is True and params["per_gradient"] is True
+    # The file replays: another optimizer and model train on exactly the stored rounds.
+    replay = CliRunner().invoke(main, ["train", *SMALL, "--replay", "selections/x.h5",
+                                       "--optimizer", "adam", "--lr", "1e-3", "--model", "mlp",
+                                       "--out", "runs/replay"])
+    assert replay.exit_code == 0, replay.output
+    log = read_log(in_tmp / "runs" / "replay")
+    assert [r["replay_round"] for r in log] == [0, 1, 2]
+    assert [r["subset_size"] for r in log] == [len(r) for r in store.rounds]
 
 
 def test_cli_memory_refusal_is_one_line(in_tmp, monkeypatch):
