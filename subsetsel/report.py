@@ -372,6 +372,8 @@ class Row:
     backprops_to_target: Stat | None
     speedup_time: float | None = None
     speedup_backprops: float | None = None
+    steps_to_target: Stat | None = None  # optimizer steps to the target
+    speedup_steps: float | None = None
 
     @property
     def label(self) -> str:
@@ -445,7 +447,11 @@ def build_report(
         times = [first_reach(r.records, goal, "elapsed_seconds") for r in g.runs]
         bps = [first_reach(r.records, goal, "total_backpropagated") if t is not None else None
                for r, t in zip(g.runs, times, strict=True)]
-        report.rows.append(Row(g, ref, goal, times, bps, Stat.of(times), Stat.of(bps)))
+        steps = [first_reach(r.records, goal, "total_steps") if t is not None else None
+                 for r, t in zip(g.runs, times, strict=True)]
+        row = Row(g, ref, goal, times, bps, Stat.of(times), Stat.of(bps))
+        row.steps_to_target = Stat.of(steps)
+        report.rows.append(row)
     by_group = {id(row.group): row for row in report.rows}
     for row in report.rows:
         if row.reference is None:
@@ -453,6 +459,7 @@ def build_report(
         ref_row = by_group[id(row.reference)]
         row.speedup_time = _ratio(ref_row.time_to_target, row.time_to_target)
         row.speedup_backprops = _ratio(ref_row.backprops_to_target, row.backprops_to_target)
+        row.speedup_steps = _ratio(ref_row.steps_to_target, row.steps_to_target)
     report.warnings = _warnings(report)
     return report
 
@@ -499,6 +506,8 @@ def row_to_json(row: Row) -> dict[str, Any]:
         "backprops_to_target": _stat_json(row.backprops_to_target),
         "speedup_time": row.speedup_time,
         "speedup_backprops": row.speedup_backprops,
+        "steps_to_target": _stat_json(row.steps_to_target),
+        "speedup_steps": row.speedup_steps,
         "select_seconds": _stat_json(Stat.of(r.select_seconds for r in runs)),
         "elapsed_seconds": _stat_json(Stat.of(r.elapsed_seconds for r in runs)),
         "total_backpropagated": _stat_json(Stat.of(r.total_backpropagated for r in runs)),
@@ -528,7 +537,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
 CSV_COLUMNS = (
     "method", "reference", "runs", "target", "reached", "final_acc_mean", "final_acc_std",
     "best_acc_mean", "best_acc_std", "time_to_target_mean", "time_to_target_std",
-    "backprops_to_target_mean", "speedup_time", "speedup_backprops", "select_seconds_mean",
+    "backprops_to_target_mean", "steps_to_target_mean", "speedup_time", "speedup_backprops",
+    "speedup_steps", "select_seconds_mean",
     "select_seconds_std", "elapsed_seconds_mean", "elapsed_seconds_std", "storage_pct_mean",
     "compute_pct_mean", "paths",
 )
@@ -545,10 +555,12 @@ def write_csv(report: Report, path: str | Path) -> None:
                 "method": j["method"], "reference": j["reference"], "runs": j["runs"],
                 "target": j["target"], "reached": j["reached"],
                 "speedup_time": j["speedup_time"], "speedup_backprops": j["speedup_backprops"],
+                "speedup_steps": j["speedup_steps"],
                 "paths": ";".join(r.path for r in row.group.runs),
             }
             for key in ("final_acc", "best_acc", "time_to_target", "backprops_to_target",
-                        "select_seconds", "elapsed_seconds", "storage_pct", "compute_pct"):
+                        "steps_to_target", "select_seconds", "elapsed_seconds", "storage_pct",
+                        "compute_pct"):
                 stat = j[key] or {}
                 flat[f"{key}_mean"] = stat.get("mean")
                 flat[f"{key}_std"] = stat.get("std")
@@ -581,7 +593,7 @@ def format_table(report: Report) -> str:
     if several_targets:
         header.append("A %")
     header += ["final acc %", "best acc %", "time to A s", "speedup", "backprops to A",
-               "speedup bp", "select s", "elapsed s"]
+               "speedup bp", "speedup steps", "select s", "elapsed s"]
     if onepass:
         header += ["storage %", "compute %"]
     lines = []
@@ -599,6 +611,7 @@ def format_table(report: Report) -> str:
             _x(row.speedup_time),
             _reach_cell(row, row.backprops_to_target, 1, 0),
             _x(row.speedup_backprops),
+            _x(row.speedup_steps),
             _fmt(Stat.of(r.select_seconds for r in runs), 1, 2),
             _fmt(Stat.of(r.elapsed_seconds for r in runs), 1, 2),
         ]

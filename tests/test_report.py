@@ -19,6 +19,7 @@ from subsetsel.report import (
     format_table,
     read_run,
     report_to_json,
+    row_to_json,
 )
 from subsetsel.stream import OnePassConfig, run_onepass
 from subsetsel.train import TrainConfig, read_log
@@ -82,6 +83,20 @@ def test_first_reach_is_the_first_epoch_at_or_above_the_target():
     assert first_reach([{"test_acc": 0.87, "elapsed_seconds": 5.0}], 0.88 - 0.01 + 1e-12,
                        "elapsed_seconds") == 5.0
     assert first_reach([{"test_acc": 0.5}], 0.4, "total_backpropagated") is None  # key missing
+
+
+def test_speedup_at_equal_optimizer_steps(tmp_path):
+    """`total_steps` in the logs gives a third speedup, at equal optimizer steps."""
+    steps = {i: {"total_steps": 50 * (i + 1)} for i in range(4)}
+    full = write_run(tmp_path / "full", [0.5, 0.8, 0.9, 0.92], [1, 2, 3, 4], strategy="full",
+                     extra=steps)
+    sb = write_run(tmp_path / "sb", [0.6, 0.91, 0.93], [1, 2, 3], strategy="full", policy="sb",
+                   extra={i: {"total_steps": 20 * (i + 1)} for i in range(3)})
+    report = build_report(load(full, sb))
+    row = next(r for r in report.rows if not r.is_reference)
+    # A = 0.92 - 0.01 = 0.91: full reaches it at epoch 3 (200 steps), sb at epoch 1 (40 steps)
+    assert row.steps_to_target.mean == 40.0 and row.speedup_steps == pytest.approx(5.0)
+    assert row_to_json(row)["speedup_steps"] == pytest.approx(5.0)
 
 
 def test_stat_mean_and_sample_std():

@@ -42,8 +42,9 @@ def report_command(
     A = lowest final accuracy of the reference's runs - --tolerance, or --target.
     Time to A: select+train seconds at the first logged epoch with accuracy >= A
     (no interpolation); mean over runs, shown only when every run reaches A.
-    Speedup = reference time to A / method time to A; "speedup bp" compares
-    examples backpropagated instead of seconds (independent of machine load).
+    Speedup = reference time to A / method time to A; "speedup bp" and "speedup
+    steps" compare examples backpropagated and optimizer steps instead of seconds
+    (independent of machine load).
     See docs/report.md.
     """
     from subsetsel.report import (
