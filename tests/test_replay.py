@@ -119,3 +119,21 @@ def test_cli_replay_happy_path_and_errors(saved, in_tmp):
     result = _cli(["--replay", "corrupt.h5"])
     assert result.exit_code == 1 and "corrupt.h5" in result.output
     assert path.read_bytes() == before  # replay opens read-only
+
+
+def test_cli_future_format_version_is_a_one_line_error(saved, in_tmp):
+    import shutil
+
+    import h5py
+
+    path, _, _ = saved
+    future = in_tmp / "future.h5"
+    shutil.copy(path, future)
+    with h5py.File(future, "r+") as f:
+        f.attrs["format_version"] = 2
+    for args in (["train", "--quiet", "--train-size", "600", "--test-size", "200",
+                  "--replay", str(future)], ["inspect", str(future)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert "newer subsetsel" in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
