@@ -22,7 +22,10 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no config.json: not a subsetsel run directory")
-    return TrainConfig(**json.loads(path.read_text())["config"])
+    try:
+        return TrainConfig(**json.loads(path.read_text())["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a subsetsel train config ({err})") from None
 
 
 def run(
@@ -58,4 +61,10 @@ def run(
             )
             store = SelectionStore.create(config.save_selections, metadata)
         trainer.attach_store(store)
+        try:
+            return trainer.fit()
+        except BaseException:
+            if not store.rounds:  # failed before its first selection: leave no empty file
+                store.path.unlink(missing_ok=True)
+            raise
     return trainer.fit()

@@ -101,6 +101,15 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
+def find_existing(path: str | Path) -> Path:
+    """The file to read for a user's FILE: `resolve_path(FILE)`, or FILE as given when only that
+    exists (so `x.h5` in the current folder is found too)."""
+    resolved = resolve_path(path)
+    if not resolved.exists() and Path(path).exists():
+        return Path(path)
+    return resolved
+
+
 class SelectionStore:
     """The rounds of one selection file, held in memory; every change rewrites the file atomically.
 
@@ -618,6 +627,7 @@ __all__ = [
     "SelectionFileError",
     "SelectionMetadata",
     "SelectionStore",
+    "find_existing",
     "resolve_path",
     "summarize",
 ]

@@ -114,9 +114,16 @@ def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
 
 
 def plan_epochs(epochs: int, fraction: float, warm_start: float) -> tuple[int, int]:
@@ -346,9 +353,11 @@ class Trainer:
 
     def _replay_schedule(self, path: str) -> ReplaySchedule:
         """Open a selection file read-only and check it was made for this dataset."""
-        from subsetsel.store import SelectionStore
+        from subsetsel.store import SelectionFileError, SelectionStore
 
         store = SelectionStore.open(path)
+        if not store.rounds or store.rounds[0].epoch != 0:
+            raise SelectionFileError(f"{path}: no round starts at epoch 0, nothing to replay")
         store.check_compatible(
             fingerprint=self.dataset.fingerprint(), dataset_size=len(self.dataset),
             dataset=self.config.dataset,
@@ -469,6 +478,7 @@ class Trainer:
         for batch in self.policy.batches(source):
             self.policy.step(self, batch)
         extra = self.policy.end_epoch(self)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         self.lr_schedule.step()
         self.epoch_counts.fresh = source.fresh
         train_loss = float(self._loss_sum) / max(1, self._loss_count)
@@ -495,7 +505,7 @@ class Trainer:
             "train_loss": train_loss,
             "test_loss": test_loss,
             "test_acc": test_acc,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             **extra,
         }
         if isinstance(self.schedule, ReplaySchedule):
@@ -508,6 +518,16 @@ class Trainer:
         return record
 
     # ---- files -------------------------------------------------------------------------------
+    def _check_same_config(self) -> None:
+        """A run directory resumes only the run it holds: refuse another config."""
+        assert self.out_dir is not None
+        stored = self.out_dir / "config.json"
+        if not stored.exists():
+            return
+        before = json.loads(stored.read_text()).get("config")
+        if before != json.loads(json.dumps(self.config.to_json())):
+            raise ValueError(f"{self.out_dir} holds a run with another config; not resuming it")
+
     def _write_config(self) -> None:
         if self.out_dir is None:
             return
@@ -560,8 +580,14 @@ class Trainer:
         os.replace(tmp, self.out_dir / "checkpoint.pt")
 
     def _load_checkpoint(self) -> None:
-        path = self.out_dir / "checkpoint.pt" if self.out_dir is not None else None
-        if path is None or not path.exists():
+        """Continue from out_dir's checkpoint; without one, start over (dropping any log lines
+        of an epoch that crashed before its checkpoint was written)."""
+        if self.out_dir is None:
+            return
+        path = self.out_dir / "checkpoint.pt"
+        self._check_same_config()
+        if not path.exists():
+            (self.out_dir / "log.jsonl").unlink(missing_ok=True)
             return
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])

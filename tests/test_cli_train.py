@@ -158,3 +158,40 @@ def test_threads_option_sets_torch_threads(in_tmp):
         _assert_one_line_error(_invoke(["train", "--threads", "-1"]), 2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_failed_first_selection_leaves_no_empty_selection_file(in_tmp, monkeypatch):
+    from subsetsel.selection.random import Random
+
+    def fail(self, ctx):
+        raise MemoryError("cannot fit")
+
+    monkeypatch.setattr(Random, "select", fail)
+    result = _invoke(["train", *SMALL, "--strategy", "random", "--save-selections", "oom"])
+    _assert_one_line_error(result, 1)
+    assert not (in_tmp / "selections" / "oom.h5").exists()
+
+
+def test_replaying_a_file_without_rounds_is_a_one_line_error(in_tmp):
+    from subsetsel.store import SelectionMetadata
+
+    meta = SelectionMetadata(dataset="mnist1d", dataset_size=600, fingerprint="x", num_classes=10,
+                             strategy="random", strategy_params={}, model="mlp", seed=0,
+                             epochs=2, config={})
+    SelectionStore.create(in_tmp / "empty.h5", meta)
+    result = _invoke(["train", *SMALL, "--replay", "empty.h5"])
+    _assert_one_line_error(result, 1)
+    assert "nothing to replay" in result.output
+
+
+@pytest.mark.parametrize("config_text", ["{not json", '{"other": 1}', '{"config": {"x": 1}}'])
+def test_resume_of_a_broken_config_is_a_one_line_error(in_tmp, config_text):
+    (in_tmp / "broken").mkdir()
+    (in_tmp / "broken" / "config.json").write_text(config_text)
+    result = _invoke(["train", "--resume", "broken"])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert "not a subsetsel train config" in result.output
+
+
+def test_unknown_device_is_a_one_line_error(in_tmp):
+    _assert_one_line_error(_invoke(["train", *SMALL, "--device", "foo"]), 2)

@@ -136,3 +136,33 @@ def test_user_schedule_and_model(small_mnist1d):
     trainer = Trainer(_config(epochs=2), model=model, dataset=small_mnist1d, schedule=EvenOnly())
     trainer.fit()
     assert [r["subset_size"] for r in trainer.history] == [300, 300]
+
+
+def test_logged_lr_is_the_rate_the_epoch_trained_at(small_mnist1d):
+    trainer = Trainer(_config(lr=0.05, epochs=4), dataset=small_mnist1d)
+    trainer.fit()
+    lrs = [r["lr"] for r in trainer.history]
+    assert lrs[0] == pytest.approx(0.05) and lrs[-1] > 0.0
+
+
+def test_resume_without_checkpoint_starts_over_without_duplicate_lines(small_mnist1d, tmp_path):
+    Trainer(_config(epochs=2), dataset=small_mnist1d, out_dir=tmp_path).fit()
+    (tmp_path / "checkpoint.pt").unlink()  # a crash before the first checkpoint was written
+    Trainer(_config(epochs=2), dataset=small_mnist1d, out_dir=tmp_path, resume=True).fit()
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0, 1]
+
+
+def test_resume_refuses_a_directory_of_another_run(small_mnist1d, tmp_path):
+    Trainer(_config(epochs=2), dataset=small_mnist1d, out_dir=tmp_path).fit()
+    with pytest.raises(ValueError, match="another config"):
+        Trainer(_config(epochs=2, lr=0.3), dataset=small_mnist1d, out_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("name", ["foo", "cuda:0"])
+def test_bad_device_is_a_value_error(name):
+    from subsetsel.train import resolve_device
+
+    if name == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device(name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -32,25 +31,15 @@ def inspect_command(file: str, as_json: bool, class_balance: bool) -> None:
     A bare name is looked up in selections/ with ".h5" added: `subsetsel inspect gm10` reads
     selections/gm10.h5.
     """
-    from subsetsel.store import SelectionStore, summarize
+    from subsetsel.store import SelectionStore, find_existing, summarize
 
-    store = SelectionStore.open(_find(file))
+    store = SelectionStore.open(find_existing(file))
     labels = _labels(store) if class_balance else None
     summary = summarize(store, labels)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(format_summary(summary))
-
-
-def _find(file: str) -> Path:
-    """The resolved path (selections/NAME.h5), or FILE as given if only that exists."""
-    from subsetsel.store import resolve_path
-
-    resolved = resolve_path(file)
-    if not resolved.exists() and Path(file).exists():
-        return Path(file)
-    return resolved
 
 
 def _labels(store: SelectionStore) -> torch.Tensor:

@@ -160,13 +160,13 @@ def _base_config(
     selections: str | None, options: dict[str, Any], device: str, slow_input: float
 ) -> tuple[TrainConfig, SelectionStore | None]:
     """Base TrainConfig of every trial and the opened selection file (None: full data)."""
-    from subsetsel.store import SelectionStore, resolve_path
+    from subsetsel.store import SelectionStore, find_existing
 
     values = {k: v for k, v in options.items() if v is not None}
     store = None
     replay = None
     if selections is not None:
-        path = resolve_path(selections)
+        path = find_existing(selections)
         if not path.exists() and Path(selections).is_file():
             path = Path(selections)  # a file in the current folder, named as given
         store = SelectionStore.open(path)

@@ -78,7 +78,7 @@ def train(
 ) -> None:
     """Train a model on weighted subsets chosen by a selection strategy."""
     from subsetsel.run import default_run_name, load_run_config, run
-    from subsetsel.store import resolve_path
+    from subsetsel.store import find_existing, resolve_path
 
     selecting = click.get_current_context().command.name == "select"
 
@@ -96,7 +96,7 @@ def train(
                 raise click.UsageError("select needs a selecting --strategy and no --replay")
             config.eval_every = 0
         if config.replay is not None:
-            config.replay = str(resolve_path(config.replay))
+            config.replay = str(find_existing(config.replay))
         name = default_run_name(config)
         out = Path(out_dir) if out_dir else Path("runs") / name
         if (out / "log.jsonl").exists():
