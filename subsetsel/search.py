@@ -647,6 +647,21 @@ def _worker_main(settings: SearchSettings, worker: int) -> None:
         sys.exit(130)
 
 
+def claim_out_dir(out_dir: Path, study_name: str) -> None:
+    """Trial folders are named by trial number, so one output folder serves one study: record
+    the study's name there and refuse a folder that holds another study's trials."""
+    marker = out_dir / "STUDY"
+    if marker.exists():
+        owner = marker.read_text().strip()
+        if owner != study_name:
+            raise SearchError(
+                f"{out_dir} holds the trials of study {owner!r}; use another --out for "
+                f"{study_name!r}"
+            )
+        return
+    marker.write_text(study_name + "\n")
+
+
 def run_search(settings: SearchSettings) -> optuna.Study:
     """Create or join the study, re-queue interrupted trials, run `settings.workers` worker
     processes (in this process when 1) until the budget is used, and return the study."""
@@ -656,6 +671,7 @@ def run_search(settings: SearchSettings) -> optuna.Study:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(settings.out_dir, settings.study_name)
     study = open_study(settings)
     reaped = reap_dead_trials(study)
     queued = requeue_interrupted(study)

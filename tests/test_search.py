@@ -179,7 +179,8 @@ def test_selection_file_of_other_data_is_refused(selection_file, in_tmp):
                   "--train-size", "300", "--param", "lr=0.1,0.2"]
     line = _assert_one_line_error(_invoke(other_data), 1)
     assert "fingerprint" in line and "digits" in line
-    other_seed = ["search", "--selections", selection_file, "--seed", "3", "--param", "lr=0.1,0.2"]
+    other_seed = ["search", "--selections", selection_file, "--data-seed", "3", "--param",
+                  "lr=0.1,0.2"]
     assert "fingerprint" in _assert_one_line_error(_invoke(other_seed), 1)
     assert not (in_tmp / "search").exists()
 
@@ -514,3 +515,24 @@ def test_sigkilled_search_resumes_without_rerunning_finished_trials(selection_fi
     assert [e["epoch"] for e in log] == [0, 1, 2]  # resumed from its checkpoint
     assert retry.value == log[-1]["test_acc"]
     assert len(_rows(out)) == 3
+
+
+def test_selection_file_of_other_seeds_is_searched_on_its_own_data(in_tmp):
+    """The data seed and training seed of the run that made the file are inherited."""
+    made = _invoke(["train", *DATA, "--model", "mlp", "--epochs", "1", "--strategy", "random",
+                    "--fraction", "0.5", "--seed", "1", "--data-seed", "3", "--quiet",
+                    "--out", "run", "--save-selections", "s13"])
+    assert made.exit_code == 0, made.output
+    result = _invoke(["search", "--selections", "s13", "--sampler", "grid", "--param",
+                      "lr=0.01,0.1", "--trials", "1", "--out", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(next((in_tmp / "out" / "trials").glob("*/config.json")).read_text())
+    assert config["config"]["data_seed"] == 3 and config["config"]["seed"] == 1
+
+
+def test_one_output_folder_serves_one_study(selection_file, in_tmp):
+    args = ["search", "--selections", selection_file, "--sampler", "grid", "--param",
+            "lr=0.01,0.1", "--trials", "1", "--out", "out", "--quiet"]
+    assert _invoke([*args, "--study-name", "a"]).exit_code == 0
+    line = _assert_one_line_error(_invoke([*args, "--study-name", "b"]), 1)
+    assert "study 'a'" in line and "another --out" in line

@@ -17,7 +17,7 @@ _DEFAULTS = TrainConfig()
 # base training options that default to the selection file's run config, then to TrainConfig's
 INHERITED = (
     "dataset", "data_root", "train_size", "test_size", "model", "epochs", "batch_size",
-    "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "seed",
+    "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "seed", "data_seed",
 )
 
 
@@ -69,7 +69,8 @@ INHERITED = (
 @click.option("--nesterov/--no-nesterov", default=None)
 @click.option("--weight-decay", type=float)
 @click.option("--schedule")
-@click.option("--seed", type=int, help="Seeds data, training and the sampler.")
+@click.option("--seed", type=int, help="Seeds training and the sampler.")
+@click.option("--data-seed", type=int, help="Seed of the data (default: the selection file's).")
 @click.option("--device", default=_DEFAULTS.device, show_default=True)
 @click.option("--slow-input", type=float, default=0.0, show_default=True,
               help="Simulated upstream cost, seconds per batch of fresh examples.")
@@ -166,10 +167,7 @@ def _base_config(
     store = None
     replay = None
     if selections is not None:
-        path = find_existing(selections)
-        if not path.exists() and Path(selections).is_file():
-            path = Path(selections)  # a file in the current folder, named as given
-        store = SelectionStore.open(path)
+        store = SelectionStore.open(find_existing(selections))
         stored = store.metadata.config
         for key in INHERITED:
             if key not in values and stored.get(key) is not None:
@@ -201,14 +199,14 @@ def _preflight(base: TrainConfig, store: SelectionStore | None, space: Any) -> N
     from subsetsel.models import build_model, default_model
 
     dataset = load_dataset(
-        base.dataset, root=base.data_root, seed=base.seed, train_size=base.train_size,
+        base.dataset, root=base.data_root, seed=base.data_seed, train_size=base.train_size,
         test_size=base.test_size,
     )
     if store is not None:
         store.check_compatible(
             fingerprint=dataset.fingerprint(), dataset_size=len(dataset), dataset=base.dataset
         )
-    models = {base.model or default_model(base.dataset)}
+    models = {base.model or default_model(base.dataset, dataset.input_shape)}
     for p in space:
         if p.name == "model":
             models.update(p.choices)
