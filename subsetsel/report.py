@@ -86,11 +86,17 @@ class Run:
 
     @property
     def accuracies(self) -> list[float]:
-        return [float(r["test_acc"]) for r in self.records if r["test_acc"] is not None]
+        return [float(r["test_acc"]) for r in self.evaluated]
+
+    @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        """The records of epochs that were evaluated (all but `--eval-every` gaps)."""
+        return [r for r in self.records if r["test_acc"] is not None]
 
     @property
     def final_acc(self) -> float:
-        return float(self.records[-1]["test_acc"])
+        """Accuracy at the last evaluated epoch."""
+        return float(self.evaluated[-1]["test_acc"])
 
     @property
     def best_acc(self) -> float:
@@ -185,6 +191,8 @@ def read_records(log_path: Path) -> list[dict[str, Any]]:
         records.append(record)
     if not records:
         raise RunDirError(f"{log_path}: no epoch records (empty log)")
+    if all(r["test_acc"] is None for r in records):
+        raise RunDirError(f"{log_path}: no epoch was evaluated yet")
     return records
 
 
@@ -649,10 +657,11 @@ def plot_report(report: Report, path: str | Path) -> None:
         style = "--" if row.is_reference else "-"
         for i, run in enumerate(row.group.runs):
             label = f"{row.label} (n={len(row.group.runs)})" if i == 0 else None
-            acc = [100 * a for a in run.accuracies]
-            ax_time.plot([r["elapsed_seconds"] for r in run.records], acc, style, color=color,
+            records = run.evaluated
+            acc = [100 * float(r["test_acc"]) for r in records]
+            ax_time.plot([r["elapsed_seconds"] for r in records], acc, style, color=color,
                          marker=".", markersize=4, linewidth=1.4, alpha=0.85, label=label)
-            bps = [r.get("total_backpropagated") for r in run.records]
+            bps = [r.get("total_backpropagated") for r in records]
             if all(b is not None for b in bps):
                 ax_bp.plot(bps, acc, style, color=color, marker=".", markersize=4,
                            linewidth=1.4, alpha=0.85)

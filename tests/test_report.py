@@ -387,3 +387,22 @@ def test_cli_warns_about_incomplete_runs(tmp_path):
     result = _invoke(["report", str(run)])
     assert result.exit_code == 0, result.output
     assert "incomplete run (2 records logged)" in result.stderr
+
+
+def test_runs_with_unevaluated_epochs(tmp_path):
+    """--eval-every leaves test_acc null on some epochs: final = last evaluated, plots work."""
+    full = write_run(tmp_path / "full", [0.5, 0.8, 0.9, 0.92], [1, 2, 3, 4], strategy="full")
+    gaps = {0: {"test_acc": None}, 2: {"test_acc": None}}
+    cut = write_run(tmp_path / "cut", [0.0, 0.91, 0.0], [1, 2, 3], strategy="random",
+                    fraction=0.1, extra=gaps)
+    report = build_report(load(full, cut))
+    row = next(r for r in report.rows if not r.is_reference)
+    assert load(cut)[0].final_acc == 0.91 and row.times == [2.0]
+    result = CliRunner().invoke(main, ["report", str(full), str(cut), "--plot",
+                                       str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    never = write_run(tmp_path / "never", [0.0], [1], strategy="random",
+                      extra={0: {"test_acc": None}})
+    with pytest.raises(RunDirError, match="no epoch was evaluated"):
+        load(never)
