@@ -195,3 +195,11 @@ def test_resume_of_a_broken_config_is_a_one_line_error(in_tmp, config_text):
 
 def test_unknown_device_is_a_one_line_error(in_tmp):
     _assert_one_line_error(_invoke(["train", *SMALL, "--device", "foo"]), 2)
+
+
+@pytest.mark.parametrize(("strategy", "option"), [("random", ["--lam", "3"]),
+                                                  ("gradmatchpb", ["--per-gradient"])])
+def test_strategy_option_that_does_not_apply_is_refused(in_tmp, strategy, option):
+    result = _invoke(["train", *SMALL, "--strategy", strategy, *option])
+    _assert_one_line_error(result, 2)
+    assert "does not apply" in result.output

@@ -19,7 +19,7 @@ from subsetsel.selection.gradmatch import (
     class_budgets,
     validation_split,
 )
-from subsetsel.selection.random import Random
+from subsetsel.selection.random import Random, RandomPB
 from subsetsel.store import SelectionStore
 from subsetsel.train import read_log
 
@@ -123,7 +123,18 @@ def test_random_first_round(ctx):
     ref = Random(fraction=0.1, seed=0).select(first)
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.weights, ref.weights)
     pb = GradMatchPB(fraction=0.1, seed=0, random_first=True).select(first)
-    assert pb.batch_ids is not None and (pb.weights == 1).all()
+    ref_pb = RandomPB(fraction=0.1, seed=0).select(first)
+    assert torch.equal(pb.indices, ref_pb.indices) and torch.equal(pb.batch_ids, ref_pb.batch_ids)
+    assert (pb.weights == 1).all()
+
+
+@pytest.mark.parametrize("cls", [GradMatch, GradMatchPB])
+def test_random_first_round_never_selects_validation_examples(ctx, cls):
+    first = SelectionContext(**{**ctx.__dict__, "epoch": 0, "round_index": 0})
+    strategy = cls(fraction=0.1, seed=0, valid=True, random_first=True)
+    _, val = validation_split(first.dataset.y_train, strategy.valid_fraction, 0)
+    sel = strategy.select(first)
+    assert len(sel) > 0 and not torch.isin(sel.indices, val).any()
 
 
 @pytest.mark.parametrize("params", [{"lam": -1.0}, {"eps": -1.0}, {"valid_fraction": 1.0},

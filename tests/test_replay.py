@@ -137,3 +137,20 @@ def test_cli_future_format_version_is_a_one_line_error(saved, in_tmp):
         assert result.exit_code == 1, result.output
         assert "newer subsetsel" in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_replay_epochs_default_to_the_files(in_tmp):
+    made = _cli_base(["--strategy", "random", "--epochs", "6", "--warm-start", "0.5",
+                      "--out", "src", "--save-selections", "warm"])
+    assert made.exit_code == 0, made.output
+    stored = SelectionStore.open(in_tmp / "selections" / "warm.h5")
+    replay = _cli_base(["--replay", "warm", "--out", "rep"])
+    assert replay.exit_code == 0, replay.output
+    assert len(read_log(in_tmp / "rep")) == stored.metadata.epochs  # not the default 20
+    longer = _cli_base(["--replay", "warm", "--epochs", "8", "--out", "rep8"])
+    assert longer.exit_code == 0 and len(read_log(in_tmp / "rep8")) == 8
+
+
+def _cli_base(args):
+    return CliRunner().invoke(main, ["train", "--quiet", "--train-size", "600", "--test-size",
+                                     "200", "--model", "mlp", *args])

@@ -67,7 +67,8 @@ _DEFAULTS = TrainConfig()
                    "selections/NAME.h5 for strategies that select).")
 @click.option("--replay", metavar="PATH",
               help="Replay the rounds of this selection file instead of selecting "
-                   "(Cached-Grad-Match); rounds map to epochs by relative progress.")
+                   "(Cached-Grad-Match); rounds map to epochs by relative progress; --epochs "
+                   "defaults to the file's.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @threads_option
@@ -88,7 +89,7 @@ def train(
     else:
         options = _with_policy_params(options)
         grad = {k: options.pop(k) for k in ("lam", "eps", "valid", "per_gradient")}
-        options["strategy_params"] = {k: v for k, v in grad.items() if v is not None}
+        options["strategy_params"] = _strategy_params(str(options["strategy"]), grad)
         config = TrainConfig(**options)  # type: ignore[arg-type]
         config.validate()
         if selecting:
@@ -97,6 +98,11 @@ def train(
             config.eval_every = 0
         if config.replay is not None:
             config.replay = str(find_existing(config.replay))
+            ctx = click.get_current_context()
+            if ctx.get_parameter_source("epochs") is click.core.ParameterSource.DEFAULT:
+                from subsetsel.store import SelectionStore
+
+                config.epochs = SelectionStore.open(config.replay).metadata.epochs
         name = default_run_name(config)
         out = Path(out_dir) if out_dir else Path("runs") / name
         if (out / "log.jsonl").exists():
@@ -157,3 +163,19 @@ select = click.Command(
     help="Run a selecting strategy and save its selection schedule, without the per-epoch test "
     "evaluation (one evaluation at the end). Same options as `train`.",
 )
+
+
+def _strategy_params(strategy: str, given: dict[str, object]) -> dict[str, object]:
+    """The strategy options given; one the strategy does not take is a usage error."""
+    from dataclasses import fields
+
+    from subsetsel.selection.base import STRATEGIES, strategy_names
+
+    params = {k: v for k, v in given.items() if v is not None}
+    if strategy in strategy_names():
+        taken = {f.name for f in fields(STRATEGIES[strategy])}
+        for key in params:
+            if key not in taken:
+                flag = "--" + key.replace("_", "-")
+                raise click.UsageError(f"{flag} does not apply to --strategy {strategy}")
+    return params

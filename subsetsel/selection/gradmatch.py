@@ -42,7 +42,6 @@ from subsetsel.selection.gradients import (
     last_layer_factors,
 )
 from subsetsel.selection.omp import DenseAtoms, capacity, complete_to_budget, nonneg_omp
-from subsetsel.selection.random import Random, RandomPB
 
 
 def class_budgets(k: int, counts: torch.Tensor) -> torch.Tensor:
@@ -115,9 +114,6 @@ class _GradMatchBase(Strategy):
         self.last_info: dict[str, Any] = {}
 
     def select(self, ctx: SelectionContext) -> Selection:
-        if self.random_first and ctx.epoch == 0:
-            self.last_info = {"random_first": True}
-            return self._random(ctx)
         data = ctx.dataset
         n = len(data)
         if self.valid:
@@ -125,6 +121,9 @@ class _GradMatchBase(Strategy):
         else:
             cand, val = torch.arange(n), torch.zeros(0, dtype=torch.int64)
         k = min(budget(self.fraction, n), cand.numel())
+        if self.random_first and ctx.epoch == 0:
+            self.last_info = {"random_first": True}
+            return self._random(ctx, cand, k)
         layer = final_linear(ctx.model)
         size = (ctx, cand, k, layer.in_features, layer.out_features)
         check_memory(self._bytes(*size), data.device, self.memory_share,
@@ -154,7 +153,8 @@ class _GradMatchBase(Strategy):
     def _class_slice(self) -> bool:
         return False
 
-    def _random(self, ctx: SelectionContext) -> Selection:
+    def _random(self, ctx: SelectionContext, cand: torch.Tensor, k: int) -> Selection:
+        """The random first round, drawn from the candidates (never the validation split)."""
         raise NotImplementedError
 
     def _alternatives(self) -> list[tuple[str, _GradMatchBase]]:
@@ -196,8 +196,11 @@ class GradMatch(_GradMatchBase):
     def _class_slice(self) -> bool:
         return self.per_gradient
 
-    def _random(self, ctx: SelectionContext) -> Selection:
-        return Random(self.fraction, self.seed).select(ctx)
+    def _random(self, ctx: SelectionContext, cand: torch.Tensor, k: int) -> Selection:
+        # the draw of `Random` (same generator), restricted to the candidates
+        gen = round_generator(self.seed, ctx.round_index, salt=1)
+        indices = cand[torch.randperm(cand.numel(), generator=gen)[:k]].sort().values
+        return Selection(indices, torch.ones(k), epoch=ctx.epoch)
 
     def _alternatives(self) -> list[tuple[str, _GradMatchBase]]:
         pb = GradMatchPB(fraction=self.fraction, seed=self.seed, valid=self.valid,
@@ -279,8 +282,14 @@ class GradMatchPB(_GradMatchBase):
     name = "gradmatchpb"
     lam: float = 0.0
 
-    def _random(self, ctx: SelectionContext) -> Selection:
-        return RandomPB(self.fraction, self.seed).select(ctx)
+    def _random(self, ctx: SelectionContext, cand: torch.Tensor, k: int) -> Selection:
+        # the draw of `RandomPB` (same partition and generator), restricted to the candidates
+        batches = [cand[b] for b in fixed_partition(cand.numel(), ctx.batch_size, self.seed)]
+        m = min(len(batches), math.ceil(k / ctx.batch_size))
+        gen = round_generator(self.seed, ctx.round_index, salt=2)
+        chosen = torch.randperm(len(batches), generator=gen)[:m].sort().values
+        indices = torch.cat([batches[b] for b in chosen.tolist()])
+        return Selection(indices, torch.ones(indices.numel()), epoch=ctx.epoch, batch_ids=chosen)
 
     def _alternatives(self) -> list[tuple[str, _GradMatchBase]]:
         per_class = GradMatch(fraction=self.fraction, seed=self.seed, valid=self.valid,
