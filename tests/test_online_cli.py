@@ -198,3 +198,11 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(in_tmp, small_
     keys = ("test_acc", "test_loss", "forwarded", "backpropagated", "fresh", "steps")
     for a, b in zip(read_log("runs/straight"), read_log("runs/cut"), strict=True):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_keep_scale_on_signals_fails_before_training(in_tmp):
+    result = CliRunner().invoke(main, [*SMALL, "--policy", "sb-keep", "--keep-scale", "0.5",
+                                       "--out", "ks"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "keep-scale" in result.output
+    assert not (in_tmp / "ks" / "log.jsonl").exists()  # refused at epoch 0, not mid-run

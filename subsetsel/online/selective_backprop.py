@@ -349,6 +349,8 @@ class KeepSelectiveBackprop(Policy):
         self._selected = [0, 0]
 
     def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
+        if self.keep_scale < 1.0 and trainer.dataset.x_train.dim() != 4:  # fail now, not mid-run
+            downscale(trainer.dataset.x_train[:1], self.keep_scale)
         self._schedule.begin_epoch(epoch, trainer.total_epochs)
         self._generator = policy_generator(trainer, epoch, salt=43)
         self._selected = [0, 0]  # batches selected on, batches
