@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -97,7 +96,6 @@ class Strategy:
     fraction: float = 1.0
     seed: int = 0
     name: ClassVar[str] = ""
-    needs_model: ClassVar[bool] = False  # False: the selection ignores the model's state
 
     def __post_init__(self) -> None:
         budget(self.fraction, 1)  # validates the fraction
@@ -140,10 +138,6 @@ def _load_builtin_strategies() -> None:
     import subsetsel.selection  # noqa: F401  (its __init__ imports every strategy module)
 
 
-def num_batches(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)
-
-
 def fixed_partition(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     """Split range(n) once into seeded random mini-batches of `batch_size` (last may be smaller)."""
     perm = torch.randperm(n, generator=round_generator(seed, 0, salt=17))
@@ -158,7 +152,6 @@ __all__ = [
     "budget",
     "create_strategy",
     "fixed_partition",
-    "num_batches",
     "register_strategy",
     "round_generator",
     "strategy_names",

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -97,7 +97,6 @@ class _GradMatchBase(Strategy):
     random_first: bool = False
     memory_share: float = 0.5
     check_every: int = 16
-    needs_model: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +131,8 @@ class _GradMatchBase(Strategy):
         start = time.perf_counter()
         factors = last_layer_factors(ctx.model, data.x_train, data.y_train,
                                      class_slice=self._class_slice())
+        if data.device.type == "cuda":  # the forward runs asynchronously: time it, not its launch
+            torch.cuda.synchronize(data.device)
         grad_seconds = time.perf_counter() - start
         selection = self._choose(ctx, factors, cand.to(data.device), val.to(data.device), k)
         self.last_info["gradient_seconds"] = grad_seconds
