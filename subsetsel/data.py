@@ -391,7 +391,13 @@ def _mnist1d_arrays(n_train: int, n_test: int, seed: int) -> dict[str, np.ndarra
 
 
 def _generate_mnist1d(n_train: int, n_test: int, seed: int) -> dict[str, np.ndarray]:
-    """Run the MNIST-1D generator offline without disturbing the global random states."""
+    """Run the MNIST-1D generator offline without disturbing the global random states.
+
+    Train and test come from one generator call over n_train + n_test examples, so a different
+    test size also changes the training examples (the fingerprint records this and replay
+    refuses such data). Kept as is: the default benchmark's data, and every measurement made on
+    it, depend on this scheme.
+    """
     from mnist1d.data import get_dataset_args, make_dataset
 
     total = n_train + n_test
