@@ -32,12 +32,12 @@ import json  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+from exp_cached import _pm, _stat, _x, cli_command, wait_for_load  # noqa: E402  (scripts/)
 
 from subsetsel.report import Stat, build_report, plot_report, read_run  # noqa: E402
 from subsetsel.run import run  # noqa: E402
@@ -85,23 +85,6 @@ def ensure(cfg: TrainConfig, out: Path, commands: list[str]) -> Path:
           f"{summary['elapsed_seconds']:6.1f} s (select {summary['select_seconds']:.2f} s)  "
           f"load {load:.2f}", flush=True)
     return out
-
-
-def cli_command(cfg: TrainConfig, out: Path) -> str:
-    args = ["subsetsel", "train", "--quiet", "--device", cfg.device, "--epochs", str(cfg.epochs),
-            "--seed", str(cfg.seed)]
-    for flag, value in (("--train-size", cfg.train_size), ("--test-size", cfg.test_size)):
-        if value is not None:
-            args += [flag, str(value)]
-    if cfg.replay:
-        args += ["--replay", cfg.replay]
-    else:
-        args += ["--strategy", cfg.strategy]
-        if cfg.strategy != "full":
-            args += ["--fraction", f"{cfg.fraction:g}", "--select-every", str(cfg.select_every)]
-        if cfg.save_selections:
-            args += ["--save-selections", cfg.save_selections]
-    return "OMP_NUM_THREADS=1 " + shlex.join(args + ["--out", str(out)])
 
 
 def run_all(args: argparse.Namespace, commands: list[str]) -> dict[str, dict[str, list[Path]]]:
@@ -198,31 +181,11 @@ def markdown(slug: str, rows: list[dict[str, Any]], full_epochs: int) -> str:
     return "\n".join(lines)
 
 
-def _stat(stat: Stat | None) -> dict[str, float] | None:
-    return None if stat is None else {"mean": stat.mean, "std": stat.std, "n": stat.n}
-
-
-def _pm(stat: dict[str, float] | None, scale: float, digits: int) -> str:
-    if stat is None:
-        return "-"
-    text = f"{stat['mean'] * scale:.{digits}f}"
-    return text if stat["n"] < 2 else f"{text} ± {stat['std'] * scale:.{digits}f}"
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     print("command: " + shlex.join(["python", *sys.argv]), flush=True)
-    waited, load = 0.0, os.getloadavg()[0]
-    while load > args.max_load and waited < args.max_wait:
-        print(f"load average {load:.2f} > {args.max_load}: waiting 60 s", flush=True)
-        time.sleep(60)
-        waited += 60
-        load = os.getloadavg()[0]
+    load, waited = wait_for_load(args.max_load, args.max_wait)
     print(f"load average {load:.2f} after waiting {waited:.0f} s; torch threads "
           f"{torch.get_num_threads()}", flush=True)
     commands: list[str] = []

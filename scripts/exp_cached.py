@@ -178,8 +178,10 @@ def cli_command(cfg: TrainConfig, out: Path) -> str:
         args += ["--train-size", str(cfg.train_size)]
     if cfg.test_size is not None:
         args += ["--test-size", str(cfg.test_size)]
-    args += ["--model", str(cfg.model), "--optimizer", cfg.optimizer, "--lr", f"{cfg.lr:g}",
-             "--epochs", str(cfg.epochs), "--seed", str(cfg.seed)]
+    if cfg.model is not None:
+        args += ["--model", cfg.model]
+    args += ["--optimizer", cfg.optimizer, "--lr", f"{cfg.lr:g}", "--epochs", str(cfg.epochs),
+             "--seed", str(cfg.seed)]
     if cfg.replay:
         args += ["--replay", cfg.replay]
     else:

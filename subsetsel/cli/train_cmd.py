@@ -137,7 +137,6 @@ _POLICY_OPTIONS = (
 def _with_policy_params(options: dict[str, object]) -> dict[str, object]:
     """Move the given per-policy options into `policy_params` (`--echo` alone selects the echo
     policy); an option the chosen policy does not take is a usage error."""
-    from dataclasses import fields
 
     from subsetsel.online.base import POLICIES, policy_names
 
@@ -148,11 +147,7 @@ def _with_policy_params(options: dict[str, object]) -> dict[str, object]:
         options["policy"] = "echo"
     policy = str(options["policy"])
     if policy in policy_names():
-        taken = {f.name for f in fields(POLICIES[policy])}
-        for key in params:
-            if key not in taken:
-                flag = "--" + key.replace("_", "-")
-                raise click.UsageError(f"{flag} does not apply to --policy {policy}")
+        _refuse_inapplicable(params, POLICIES[policy], f"--policy {policy}")
     return {**options, "policy_params": params}
 
 
@@ -167,15 +162,19 @@ select = click.Command(
 
 def _strategy_params(strategy: str, given: dict[str, object]) -> dict[str, object]:
     """The strategy options given; one the strategy does not take is a usage error."""
-    from dataclasses import fields
-
     from subsetsel.selection.base import STRATEGIES, strategy_names
 
     params = {k: v for k, v in given.items() if v is not None}
     if strategy in strategy_names():
-        taken = {f.name for f in fields(STRATEGIES[strategy])}
-        for key in params:
-            if key not in taken:
-                flag = "--" + key.replace("_", "-")
-                raise click.UsageError(f"{flag} does not apply to --strategy {strategy}")
+        _refuse_inapplicable(params, STRATEGIES[strategy], f"--strategy {strategy}")
     return params
+
+
+def _refuse_inapplicable(params: dict[str, object], cls: type, chosen: str) -> None:
+    """A usage error for an option that is not a field of the chosen strategy/policy class."""
+    from dataclasses import fields
+
+    taken = {f.name for f in fields(cls)}
+    for key in params:
+        if key not in taken:
+            raise click.UsageError(f"--{key.replace('_', '-')} does not apply to {chosen}")
