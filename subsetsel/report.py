@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from subsetsel.errors import first_line
+
 ACC_SLACK = 1e-9  # accuracy >= A - ACC_SLACK counts as reaching A
 DEFAULT_TOLERANCE = 0.01
 # settings that never distinguish methods: seeds of one method differ only in these
@@ -149,7 +151,7 @@ def read_run(path: str | Path, replay_cache: dict[str, Any] | None = None) -> Ru
     try:
         info = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunDirError(f"{config_path}: unreadable ({_one_line(err)})") from None
+        raise RunDirError(f"{config_path}: unreadable ({first_line(err)})") from None
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
         raise RunDirError(f"{config_path}: has no 'config' object")
     records = read_records(log_path)
@@ -169,7 +171,7 @@ def read_records(log_path: Path) -> list[dict[str, Any]]:
     try:
         text = log_path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{log_path}: unreadable ({_one_line(err)})") from None
+        raise RunDirError(f"{log_path}: unreadable ({first_line(err)})") from None
     lines = text.split("\n")
     records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
@@ -734,11 +736,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _key(path: str | Path) -> str:
     return str(Path(path).resolve())
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 __all__ = [

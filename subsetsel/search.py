@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from subsetsel.errors import first_line
 from subsetsel.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -304,7 +305,7 @@ def open_storage(url: str, heartbeat: int = 15) -> optuna.storages.RDBStorage:
                 grace_period=4 * heartbeat, heartbeat_stale_trial_callback=_retry_stale,
             )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as err:
-        raise SearchError(f"cannot open storage {shown}: {_first_line(err)}") from None
+        raise SearchError(f"cannot open storage {shown}: {first_line(err)}") from None
 
 
 def hide_password(url: str) -> str:
@@ -505,8 +506,8 @@ class Objective:
             raise
         except Exception as err:  # counted as done: a failing config is not retried forever
             with contextlib.suppress(Exception):
-                trial.set_user_attr("error", f"{type(err).__name__}: {_first_line(err)}")
-            self.log(f"trial {trial.number} failed: {type(err).__name__}: {_first_line(err)}")
+                trial.set_user_attr("error", f"{type(err).__name__}: {first_line(err)}")
+            self.log(f"trial {trial.number} failed: {type(err).__name__}: {first_line(err)}")
             raise
 
     def _run(self, trial: optuna.trial.Trial) -> float:
@@ -827,11 +828,6 @@ def retrain_best(
             return summary
         raise SearchError(f"{out_dir} holds another run; remove it to retrain the best config")
     return run(config, out_dir, resume=(out_dir / "checkpoint.pt").exists())
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 __all__ = [

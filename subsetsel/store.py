@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from subsetsel import __version__
+from subsetsel.errors import first_line
 from subsetsel.selection.base import Selection
 
 FORMAT_VERSION = 1
@@ -157,7 +158,7 @@ class SelectionStore:
             raise
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
             raise SelectionFileError(
-                f"{path}: not a readable HDF5 selection file ({_one_line(err)})"
+                f"{path}: not a readable HDF5 selection file ({first_line(err)})"
             ) from err
         return cls(path, metadata, rounds)
 
@@ -305,7 +306,7 @@ class SelectionStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             if isinstance(err, OSError) and not isinstance(err, SelectionFileError):
-                raise SelectionFileError(f"{path}: could not write ({_one_line(err)})") from err
+                raise SelectionFileError(f"{path}: could not write ({first_line(err)})") from err
             raise
 
 
@@ -560,11 +561,6 @@ def _round_problem(
     if batch_ids is not None and batch_ids.size and int(batch_ids.min()) < 0:
         return f"negative batch id {int(batch_ids.min())}"
     return None
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 # -- summaries ---------------------------------------------------------------------------------

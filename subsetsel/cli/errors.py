@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from subsetsel.errors import first_line
 from subsetsel.selection.base import UnknownNameError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,15 +25,10 @@ def one_line_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except (UnknownNameError, ValueError) as err:
-            raise click.UsageError(_first_line(err)) from None
+            raise click.UsageError(first_line(err)) from None
         except (DatasetNotFoundError, SelectionFileError, IncompatibleSelectionError) as err:
-            raise click.ClickException(_first_line(err)) from None
+            raise click.ClickException(first_line(err)) from None
         except (OSError, MemoryError) as err:
-            raise click.ClickException(_first_line(err)) from None
+            raise click.ClickException(first_line(err)) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
