@@ -30,17 +30,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from exp_cached import _pm, _stat, _x, cli_command, wait_for_load  # noqa: E402  (scripts/)
+from exp_cached import _pm, _stat, _x, cli_command, run_fresh, wait_for_load  # noqa: E402  (scripts/)
 
 from subsetsel.report import Stat, build_report, plot_report, read_run  # noqa: E402
-from subsetsel.run import run  # noqa: E402
 from subsetsel.train import TrainConfig  # noqa: E402
 
 SPEEDUP_GOAL = 3.0
@@ -73,14 +71,7 @@ def ensure(cfg: TrainConfig, out: Path, commands: list[str]) -> Path:
     commands.append(cli_command(cfg, out))
     if (out / "summary.json").exists():
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    if cfg.save_selections:
-        Path(cfg.save_selections).unlink(missing_ok=True)
-        Path(cfg.save_selections).parent.mkdir(parents=True, exist_ok=True)
-    load = os.getloadavg()[0]
-    summary = run(cfg, out)
-    (out / "load.json").write_text(json.dumps({"loadavg_1min_at_start": load}))
+    summary, load = run_fresh(cfg, out)
     print(f"  {out.parent.name:12s} {out.name:28s} acc {summary['final_acc']:.4f}  "
           f"{summary['elapsed_seconds']:6.1f} s (select {summary['select_seconds']:.2f} s)  "
           f"load {load:.2f}", flush=True)

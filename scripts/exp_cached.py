@@ -156,19 +156,26 @@ def ensure_run(setting: Setting, method: Method, seed: int, opt: Options) -> Pat
     opt.commands.append(cli_command(cfg, out))
     if (out / "summary.json").exists() and not opt.fresh:
         return out
+    summary, load = run_fresh(cfg, out)
+    opt.loads.append(load)
+    print(f"  {setting.slug:24s} {method.slug:48s} s{seed}  acc {summary['final_acc']:.4f}  "
+          f"{summary['elapsed_seconds']:6.1f} s (select {summary['select_seconds']:.2f} s)  "
+          f"load {load:.2f}", flush=True)
+    return out
+
+
+def run_fresh(cfg: TrainConfig, out: Path) -> tuple[dict[str, Any], float]:
+    """Run `cfg` into an emptied `out` (and a fresh selection file); record the 1-minute load
+    average at the start in out/load.json. Returns (summary, load)."""
     if out.exists():
         shutil.rmtree(out)
     if cfg.save_selections:
         Path(cfg.save_selections).unlink(missing_ok=True)
         Path(cfg.save_selections).parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
-    opt.loads.append(load)
     summary = run(cfg, out)
-    print(f"  {setting.slug:24s} {method.slug:48s} s{seed}  acc {summary['final_acc']:.4f}  "
-          f"{summary['elapsed_seconds']:6.1f} s (select {summary['select_seconds']:.2f} s)  "
-          f"load {load:.2f}", flush=True)
     (out / "load.json").write_text(json.dumps({"loadavg_1min_at_start": load}))
-    return out
+    return summary, load
 
 
 def cli_command(cfg: TrainConfig, out: Path) -> str:
