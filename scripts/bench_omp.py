@@ -11,7 +11,11 @@ Grad-Match target: the full gradient), float32. Prints seconds and the relative 
 ||A_S^T w - b|| / ||b|| for both, and the speed ratio.
 
     python scripts/bench_omp.py --sizes 5000x500x500,20000x1000x1000 --reference 5000x500x500
-    python scripts/bench_omp.py --device cuda --sizes 50000x5130x5000 --reference none
+    python scripts/bench_omp.py --device cuda --sizes 50000x5130x5000 --reference none \
+        --picks 1,auto
+
+--picks: atoms added per OMP step (comma-separated values, one row each); 'auto' is the
+strategies' default, ceil(k / 32). The reference always adds one atom per step.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from subsetsel.selection.gradmatch import auto_picks_per_step
 from subsetsel.selection.omp import DenseAtoms, nonneg_omp
 
 
@@ -48,10 +53,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ours(a: torch.Tensor, b: torch.Tensor, k: int, lam: float):
+def ours(a: torch.Tensor, b: torch.Tensor, k: int, lam: float, picks: int = 1):
     sync(a.device)
     start = time.perf_counter()
-    result = nonneg_omp(DenseAtoms(a, b), k, lam=lam)
+    result = nonneg_omp(DenseAtoms(a, b), k, lam=lam, picks_per_step=picks)
     sync(a.device)
     seconds = time.perf_counter() - start
     keep = result.slots[0] >= 0
@@ -95,6 +100,8 @@ def main() -> None:
     parser.add_argument("--reference", default="5000x500x500",
                         help="sizes (subset of --sizes, or 'none') also run with the reference")
     parser.add_argument("--lam", type=float, default=0.0, help="ridge weight lambda")
+    parser.add_argument("--picks", default="1",
+                        help="atoms per OMP step, comma-separated; 'auto': ceil(k / 32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="runs of ours (median)")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,22 +114,24 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     ref_sizes = set(parse_sizes(args.reference))
-    print(f"{'N':>7} {'d':>6} {'k':>6} | {'ours s':>9} {'ours res':>9} | "
+    print(f"{'N':>7} {'d':>6} {'k':>6} {'picks':>5} | {'ours s':>9} {'ours res':>9} | "
           f"{'ref s':>9} {'ref res':>9} | {'speedup':>8}")
     for n, d, k in parse_sizes(args.sizes):
         a, b = make_problem(n, d, args.seed, device)
         ours(a[:200], b, 5, args.lam)  # warm-up (kernels, allocator)
-        runs = [ours(a, b, k, args.lam) for _ in range(args.repeats)]
-        seconds = sorted(r[0] for r in runs)[len(runs) // 2]
-        res = relative_residual(a, b, runs[0][1], runs[0][2])
-        line = f"{n:>7} {d:>6} {k:>6} | {seconds:>9.3f} {res:>9.5f} | "
-        if (n, d, k) in ref_sizes:
-            ref_s, idx, w = reference(a, b, k, args.lam)
-            ref_res = relative_residual(a, b, idx, w)
-            line += f"{ref_s:>9.2f} {ref_res:>9.5f} | {ref_s / seconds:>7.1f}x"
-        else:
-            line += f"{'-':>9} {'-':>9} | {'-':>8}"
-        print(line, flush=True)
+        ref = reference(a, b, k, args.lam) if (n, d, k) in ref_sizes else None
+        for text in args.picks.split(","):
+            picks = auto_picks_per_step(k) if text.strip() == "auto" else int(text)
+            runs = [ours(a, b, k, args.lam, picks) for _ in range(args.repeats)]
+            seconds = sorted(r[0] for r in runs)[len(runs) // 2]
+            res = relative_residual(a, b, runs[0][1], runs[0][2])
+            line = f"{n:>7} {d:>6} {k:>6} {picks:>5} | {seconds:>9.3f} {res:>9.5f} | "
+            if ref is not None:
+                ref_res = relative_residual(a, b, ref[1], ref[2])
+                line += f"{ref[0]:>9.2f} {ref_res:>9.5f} | {ref[0] / seconds:>7.1f}x"
+            else:
+                line += f"{'-':>9} {'-':>9} | {'-':>8}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

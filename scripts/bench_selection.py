@@ -52,6 +52,9 @@ def main() -> None:
     strategies["gradmatch-pergrad"] = create_strategy(
         "gradmatch", fraction=args.fraction, seed=0, per_gradient=True
     )
+    strategies["gradmatch-1pick"] = create_strategy(
+        "gradmatch", fraction=args.fraction, seed=0, picks_per_step=1
+    )
     times: dict[str, list[float]] = {"epoch": [], **{name: [] for name in strategies}}
     infos: dict[str, dict] = {}
     for rep in range(args.repeats):
@@ -77,7 +80,8 @@ def main() -> None:
         res = info["residual"]
         print(f"{name:17s} round: median {med:.3f} s = {med / epoch:.2f} epochs  "
               f"[{', '.join(f'{t:.3f}' for t in times[name])}]  (last: gradients "
-              f"{info['gradient_seconds']:.3f} s, OMP {info['omp_seconds']:.3f} s, "
+              f"{info['gradient_seconds']:.3f} s, OMP {info['omp_seconds']:.3f} s in "
+              f"{info['omp_steps']} steps of <= {info['picks_per_step']} picks, "
               f"{info['size']} examples, filled {info['filled']}, relative residual "
               f"{min(res):.3f}-{max(res):.3f})")
 

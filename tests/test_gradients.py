@@ -86,8 +86,9 @@ def test_linear_without_bias():
 
 
 @pytest.mark.parametrize("bias,c", [(True, 4), (False, 4), (True, 1)])
-def test_factored_atoms_give_the_same_omp_result_as_dense_rows(bias, c):
-    """LastLayerAtoms (Gram identity, never materialised) == DenseAtoms on the same rows."""
+@pytest.mark.parametrize("picks", [1, 3])
+def test_factored_atoms_give_the_same_omp_result_as_dense_rows(bias, c, picks):
+    """LastLayerAtoms (factor form, rows never materialised) == DenseAtoms on the same rows."""
     gen = torch.Generator().manual_seed(2)
     nb, n, d = 3, 70, 9
     delta = torch.softmax(torch.randn(nb, n, c, generator=gen), 2) - 0.5
@@ -99,8 +100,9 @@ def test_factored_atoms_give_the_same_omp_result_as_dense_rows(bias, c):
     rows = torch.cat([delta, outer], 2) if bias else outer
     target = rows.double().sum(1) * torch.tensor([[1.0], [0.5], [1.2]], dtype=torch.float64)
     budgets = torch.tensor([10, 6, 12])
-    dense = nonneg_omp(DenseAtoms(rows, target, counts), budgets, lam=0.5)
-    factored = nonneg_omp(LastLayerAtoms(delta, emb, counts, target, bias), budgets, lam=0.5)
+    dense = nonneg_omp(DenseAtoms(rows, target, counts), budgets, lam=0.5, picks_per_step=picks)
+    factored = nonneg_omp(LastLayerAtoms(delta, emb, counts, target, bias), budgets, lam=0.5,
+                          picks_per_step=picks)
     assert torch.equal(dense.slots, factored.slots)
     torch.testing.assert_close(dense.weights, factored.weights, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(dense.correlations, factored.correlations, rtol=1e-3, atol=1e-3)

@@ -16,6 +16,7 @@ from subsetsel.selection.gradients import last_layer_gradients
 from subsetsel.selection.gradmatch import (
     GradMatch,
     GradMatchPB,
+    auto_picks_per_step,
     class_budgets,
     validation_split,
 )
@@ -137,8 +138,22 @@ def test_random_first_round_never_selects_validation_examples(ctx, cls):
     assert len(sel) > 0 and not torch.isin(sel.indices, val).any()
 
 
+def test_picks_per_step_default_and_override(ctx):
+    assert [auto_picks_per_step(k) for k in (0, 1, 32, 33, 200, 5000)] == [1, 1, 1, 2, 7, 157]
+    auto = GradMatch(fraction=0.1, seed=0)
+    auto.select(ctx)
+    budgets = class_budgets(budget(0.1, len(ctx.dataset)), torch.bincount(ctx.dataset.y_train))
+    assert auto.last_info["picks_per_step"] == auto_picks_per_step(int(budgets.max()))
+    single = GradMatch(fraction=0.1, seed=0, picks_per_step=1)
+    sel = single.select(ctx)
+    assert single.last_info["picks_per_step"] == 1
+    assert single.last_info["omp_steps"] >= int(budgets.max())  # one atom per step
+    assert len(sel) == budget(0.1, len(ctx.dataset))
+
+
 @pytest.mark.parametrize("params", [{"lam": -1.0}, {"eps": -1.0}, {"valid_fraction": 1.0},
-                                    {"memory_share": 0.0}, {"check_every": 0}])
+                                    {"memory_share": 0.0}, {"check_every": 0},
+                                    {"picks_per_step": 0}])
 def test_bad_parameters(params):
     with pytest.raises(ValueError):
         GradMatch(fraction=0.1, **params)
@@ -153,7 +168,7 @@ SMALL = ["--train-size", "1000", "--test-size", "200", "--epochs", "3", "--selec
 @pytest.mark.parametrize("strategy,extra,size,batches", [
     ("gradmatch", ["--lam", "0.25", "--eps", "1e-7"], 100, None),
     ("gradmatchpb", ["--batch-size", "50"], 100, 2),
-    ("gradmatch", ["--valid", "--per-gradient"], 100, None),
+    ("gradmatch", ["--valid", "--per-gradient", "--picks-per-step", "3"], 100, None),
 ])
 def test_cli_runs_and_writes_selection_files(in_tmp, strategy, extra, size, batches):
     result = CliRunner().invoke(main, ["train", *SMALL, "--strategy", strategy, *extra,
@@ -172,6 +187,7 @@ def test_cli_runs_and_writes_selection_files(in_tmp, strategy, extra, size, batc
         assert params["lam"] == 0.25 and params["eps"] == 1e-7
     if "--valid" in extra:
         assert params["valid"] is True and params["per_gradient"] is True
+        assert params["picks_per_step"] == 3
     # The file replays: another optimizer and model train on exactly the stored rounds.
     replay = CliRunner().invoke(main, ["train", *SMALL, "--replay", "selections/x.h5",
                                        "--optimizer", "adam", "--lr", "1e-3", "--model", "mlp",
@@ -190,3 +206,13 @@ def test_cli_memory_refusal_is_one_line(in_tmp, monkeypatch):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: gradmatch on 1000 examples needs")
     assert lines[0].endswith("try a smaller --fraction")  # with 1 KiB free nothing else fits
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--strategy", "random", "--picks-per-step", "2"], "--picks-per-step does not apply"),
+    (["--strategy", "gradmatch", "--picks-per-step", "0"], "--picks-per-step"),
+])
+def test_cli_refuses_bad_picks_per_step(in_tmp, args, message):
+    result = CliRunner().invoke(main, ["train", *SMALL, *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output

@@ -54,6 +54,8 @@ _DEFAULTS = TrainConfig()
               help="gradmatch*: match the gradient of a held-out validation split.")
 @click.option("--per-gradient", is_flag=True, default=None,
               help="gradmatch: match only each class's own slice of the gradient.")
+@click.option("--picks-per-step", type=click.IntRange(min=1),
+              help="gradmatch*: atoms added per OMP step [ceil(budget/32)]; 1: one at a time.")
 @click.option("--eval-every", type=int, default=_DEFAULTS.eval_every, show_default=True,
               help="Epochs between test evaluations (0: after the last epoch only).")
 @click.option("--slow-input", type=float, default=_DEFAULTS.slow_input, show_default=True,
@@ -88,7 +90,8 @@ def train(
         out = Path(resume_dir)
     else:
         options = _with_policy_params(options)
-        grad = {k: options.pop(k) for k in ("lam", "eps", "valid", "per_gradient")}
+        grad = {k: options.pop(k) for k in ("lam", "eps", "valid", "per_gradient",
+                                            "picks_per_step")}
         options["strategy_params"] = _strategy_params(str(options["strategy"]), grad)
         config = TrainConfig(**options)  # type: ignore[arg-type]
         config.validate()

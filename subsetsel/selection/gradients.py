@@ -200,11 +200,13 @@ class LastLayerAtoms:
 
     delta: float32 (B, n, c) (c = C, or 1 for class slices), emb: float32 (B, n, D), both zero
     on padding rows; counts int64 (B,); target: float64 (B, c(1+D)) (c*D without bias), the
-    gradient sum to match. Correlations with the residual use the Gram identity
-    <a_i, a_j> = (delta_i . delta_j)(bias + e_i . e_j): one new column of K = A A_S^T per step,
-    so a step costs O(n (c + D + t)) per problem instead of O(n c D) for a dense product.
-    Factors are kept transposed, (B, c + D, n), which makes the per-step products row-vector
-    times matrix (the fast layout for batched matrix-vector products on CPU).
+    gradient sum to match. The residual is kept in factor form, r = [r_b | R] with R (c, D)
+    = target's W-part - sum_s w_s delta_s e_s^T (float64), so the correlations of all n atoms,
+    <a_i, r> = delta_i . (bias * r_b + R e_i), cost one (c x D) by (D x n) product per step:
+    O(n c D) per problem, independent of the support size, with no n x k matrix kept.
+    Gram entries of chosen atoms use <a_i, a_j> = (delta_i . delta_j)(bias + e_i . e_j) in
+    float64. Factors are kept transposed, (B, c + D, n), so the per-step product is a plain
+    batched matrix product.
     """
 
     def __init__(
@@ -222,10 +224,7 @@ class LastLayerAtoms:
         tb = self.target[:, :c] if bias else self.target.new_zeros(nb, c)
         tw = self.target[:, c * int(bias) :].reshape(nb, c, self.dim_e)
         self._tb, self._tw = tb, tw
-        proj = torch.bmm(tw.float(), self._ft[:, c:])  # (B, c, n): W-part of the target times e
-        self._c0 = ((proj + tb.float().unsqueeze(2)) * self._ft[:, :c]).sum(1)
-        self._rows = torch.arange(nb, device=self.device)
-        self._k = torch.empty(0)
+        self._sf = torch.empty(0)
 
     def target_sq_norm(self) -> torch.Tensor:
         return (self.target * self.target).sum(1)
@@ -235,29 +234,28 @@ class LastLayerAtoms:
         return sq[:, : self.c].sum(1) * (self.bias + sq[:, self.c :].sum(1))
 
     def start(self, capacity: int) -> None:
-        self._k = torch.zeros(self.batch, capacity, self.size, device=self.device)
         self._sf = torch.zeros(
             self.batch, capacity, self.c + self.dim_e, dtype=torch.float64, device=self.device
         )
-        self._x = torch.zeros(self.batch, 2, self.c + self.dim_e, device=self.device)
 
     def add(self, t: int, j: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.c
-        f32 = self._ft[self._rows, :, j] * take.unsqueeze(1)  # (B, c + D): [delta_t, e_t]
-        self._x[:, 0, :c], self._x[:, 1, c:] = f32[:, :c], f32[:, c:]
-        dots = torch.bmm(self._x, self._ft)  # (B, 2, n): delta . delta_t and e . e_t
-        self._k[:, t] = dots[:, 0] * (dots[:, 1] + self.bias)
-        f64 = f32.double()
-        self._sf[:, t] = f64
-        sd = torch.bmm(self._sf[:, : t + 1, :c], f64[:, :c].unsqueeze(2)).squeeze(2)
-        se = torch.bmm(self._sf[:, : t + 1, c:], f64[:, c:].unsqueeze(2)).squeeze(2)
-        proj = torch.bmm(self._tw, f64[:, c:].unsqueeze(2)).squeeze(2)  # (B, c)
-        return sd * (se + self.bias), (f64[:, :c] * (self._tb + proj)).sum(1)
+        c, m = self.c, int(j.shape[1])
+        index = j.unsqueeze(1).expand(-1, self._ft.shape[1], -1)
+        new = self._ft.gather(2, index).transpose(1, 2).double() * take.unsqueeze(2)
+        self._sf[:, t : t + m] = new  # (B, m, c + D): [delta, e] of the new atoms
+        support = self._sf[:, : t + m].transpose(1, 2)
+        sd = torch.bmm(new[:, :, :c], support[:, :c])
+        se = torch.bmm(new[:, :, c:], support[:, c:])
+        proj = torch.bmm(new[:, :, c:], self._tw.transpose(1, 2))  # (B, m, c)
+        return sd * (se + self.bias), (new[:, :, :c] * (self._tb.unsqueeze(1) + proj)).sum(2)
 
     def correlations(self, t: int, w: torch.Tensor) -> torch.Tensor:
-        if t == 0:
-            return self._c0.clone()
-        return self._c0 - torch.bmm(w.float().unsqueeze(1), self._k[:, :t]).squeeze(1)
+        c = self.c
+        scaled = self._sf[:, :t, :c] * w.unsqueeze(2)  # (B, t, c): w_s delta_s
+        rw = self._tw - torch.bmm(scaled.transpose(1, 2), self._sf[:, :t, c:])  # (B, c, D)
+        rb = (self._tb - scaled.sum(1)) * self.bias  # (B, c)
+        proj = torch.bmm(rw.float(), self._ft[:, c:])  # (B, c, n)
+        return ((proj + rb.float().unsqueeze(2)) * self._ft[:, :c]).sum(1)
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -8,33 +8,37 @@ with at most k_p atoms of positive weight. Greedy step: with r = b - A_S^T w the
 the not-yet-chosen atom with the largest positive correlation <a_i, r> (for w_i = 0 this is minus
 half the gradient of f in w_i, so the pick is the steepest KKT violation over all atoms), add it
 to S, and re-solve the non-negative ridge problem on S. Chosen atoms are masked: never re-picked.
+With `picks_per_step` m > 1 a step adds the m unchosen atoms of largest positive correlation
+(generalised OMP; fewer when the budget has less room), so the per-step costs (correlations of
+all n atoms, a solve) are paid about k/m times instead of k times.
 
 The solve is a Lawson-Hanson active-set method restricted to S and warm-started from the previous
 solution. It keeps, for the passive set P (the atoms of S with w > 0), the inverse of the ridge
-Gram matrix G_PP = A_P A_P^T + lam*I, updated in O(|S|^2) per change: bordering when an atom
-enters P, a rank-one Schur-complement downdate when one leaves it. Unlike a Cholesky factor,
-this supports removing any atom with one vectorised rank-one update (no sequential Givens sweep),
-so batched problems stay in lock-step on a GPU. The small matrices are float64 (each exact solve
-also applies one step of iterative refinement against G); the correlations over all n atoms (the
-O(n d) part) are float32.
+Gram matrix G_PP = A_P A_P^T + lam*I, updated in O(|S|^2) per change: block bordering when new
+atoms enter P, a rank-one Schur-complement downdate when one leaves it. Unlike a Cholesky
+factor, this supports removing any atom with one vectorised rank-one update (no sequential Givens
+sweep), so batched problems stay in lock-step on a GPU. The small matrices are float64 (each
+exact solve also applies one step of iterative refinement against G); the correlations over all
+n atoms (the O(n d) part) are float32.
 
 No host synchronisation happens inside a step on CUDA: every problem runs the same fixed
 sequence of tensor ops, stopped problems are masked. Each step does one Lawson-Hanson iteration
-(a removal if the new unconstrained solution is infeasible). Every `check_every` steps, and at
-the end, an exact Lawson-Hanson loop (with host checks and the KKT re-entry test of zero-weight
-chosen atoms) runs to convergence, so the returned weights are the exact non-negative ridge
-solution on the returned support (checked against scipy's nnls in the tests). On the CPU, where
-reading a flag costs nothing, that exact loop also runs after every step that left Lawson-Hanson
-unconverged, so every pick uses the exact solution on the current support (the same picks as
-re-solving from scratch each step); on CUDA the steps after such a step, up to the next check
-point, pick with a feasible but not yet optimal w.
+(a removal if the new unconstrained solution is infeasible). Whenever the number of chosen slots
+passes a multiple of `check_every`, and at the end, an exact Lawson-Hanson loop (with host
+checks and the KKT re-entry test of zero-weight chosen atoms) runs to convergence, so the
+returned weights are the exact non-negative ridge solution on the returned support (checked
+against scipy's nnls in the tests). On the CPU, where reading a flag costs nothing, that exact
+loop also runs after every step that left Lawson-Hanson unconverged, so every pick uses the
+exact solution on the current support (with one pick per step: the same picks as re-solving from
+scratch each step); on CUDA the steps after such a step, up to the next check point, pick with a
+feasible but not yet optimal w.
 
 Budget: a chosen atom whose weight the constraint w >= 0 sets to 0 does not count; OMP continues
-until k_p atoms have positive weight, for at most k_p + max(8, k_p/4) steps. If zeroed atoms
+until k_p atoms have positive weight, using at most k_p + max(8, k_p/4) slots. If zeroed atoms
 re-enter later and more than k_p end positive, the smallest-weight ones are dropped from the
 support (and re-solved without them). Stopping early: when ||r|| <= eps * ||b||, or when no
 unchosen atom has a correlation above tol * max_i ||a_i|| * ||r|| (the non-negative optimum over
-all atoms is reached: more atoms would get weight 0), or when the step cap is reached. Then fewer
+all atoms is reached: more atoms would get weight 0), or when the slots run out. Then fewer
 than k_p atoms have positive weight; `complete_to_budget` fills the rest (see there).
 """
 
@@ -51,7 +55,7 @@ import torch
 
 SIGMA_MIN = 1e-10  # an atom enters P only if its Schur complement exceeds this share of G_ii
 CPU_THREADS = 1  # torch threads while solving on the CPU (see `_cpu_threads`)
-SPARE, SPARE_MIN = 0.25, 8  # extra steps beyond the budget for atoms that end at weight 0
+SPARE, SPARE_MIN = 0.25, 8  # extra slots beyond the budget for atoms that end at weight 0
 
 
 class Atoms(Protocol):
@@ -79,9 +83,9 @@ class Atoms(Protocol):
         ...
 
     def add(self, t: int, j: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store atom j[p] (int64 (B,)) in support slot t where take[p] (bool (B,)), else a zero
-        atom. Returns (g, h): float64 (B, t+1) inner products of slot t with slots 0..t (the last
-        is its squared norm) and float64 (B,) <a_t, b>."""
+        """Store atoms j[p, i] (int64 (B, m)) in support slots t + i where take[p, i] (bool
+        (B, m)), else zero atoms. Returns (g, h): float64 (B, m, t+m) inner products of the new
+        slots with slots 0..t+m-1, and float64 (B, m) <a_slot, b>."""
         ...
 
     def correlations(self, t: int, w: torch.Tensor) -> torch.Tensor:
@@ -128,10 +132,11 @@ class DenseAtoms:
         )
 
     def add(self, t: int, j: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        atom = self.a[self._rows, j].to(torch.float64) * take.unsqueeze(1)
-        self._support[:, t] = atom
-        g = torch.bmm(self._support[:, : t + 1], atom.unsqueeze(2)).squeeze(2)
-        return g, (atom * self.b).sum(1)
+        m = int(j.shape[1])
+        new = self.a[self._rows.unsqueeze(1), j].to(torch.float64) * take.unsqueeze(2)
+        self._support[:, t : t + m] = new
+        g = torch.bmm(new, self._support[:, : t + m].transpose(1, 2))
+        return g, torch.bmm(new, self.b.unsqueeze(2)).squeeze(2)
 
     def correlations(self, t: int, w: torch.Tensor) -> torch.Tensor:
         r = self.b - torch.bmm(w.unsqueeze(1), self._support[:, :t]).squeeze(1)
@@ -140,14 +145,16 @@ class DenseAtoms:
 
 @dataclass
 class OMPResult:
-    """Output of `nonneg_omp` for B problems; T = steps taken by the longest problem.
+    """Output of `nonneg_omp` for B problems; T = slots used (atoms chosen by the problem that
+    chose most, plus the unused slots of its blocks), U = steps taken by the longest problem.
 
-    slots: int64 (B, T) the support: chosen atom per slot in pick order, -1 for unused slots and
-      for atoms dropped to keep the budget.
+    slots: int64 (B, T) the support: chosen atom per slot in pick order, -1 for unused slots
+      (also inside a step that added fewer than picks_per_step atoms) and for atoms dropped to
+      keep the budget.
     weights: float64 (B, T) non-negative weight per slot (0 for unused slots; a chosen atom can
       also end with weight 0 when the non-negativity constraint is active for it). At most
       budget_p slots of problem p have positive weight.
-    objective: float64 (B, T+1) f(w) before step t (column t) and at the end (column = steps
+    objective: float64 (B, U+1) f(w) before step u (column u) and at the end (column = steps
       taken by that problem); NaN after a problem stopped.
     residual: float64 (B,) final relative residual ||b - A_S^T w|| / ||b|| (0 when b = 0).
     correlations: float32 (B, n) final <a_i, r> for every atom (padding: -inf).
@@ -169,8 +176,8 @@ class OMPResult:
 
 
 def capacity(budget: int) -> int:
-    """Most OMP steps for a budget: budget + max(8, ceil(budget / 4)) (0 for budget 0); the
-    spare steps replace chosen atoms that end at weight 0."""
+    """Most support slots (chosen atoms) for a budget: budget + max(8, ceil(budget / 4)) (0 for
+    budget 0); the spare slots replace chosen atoms that end at weight 0."""
     return budget + max(SPARE_MIN, math.ceil(SPARE * budget)) if budget > 0 else 0
 
 
@@ -248,18 +255,59 @@ class _NNLS:
         H.baddbmm_(u.unsqueeze(2), v.unsqueeze(1), alpha=-1.0)
         return ok, coef, zi, v
 
-    def enter_new(self, t: int, do: torch.Tensor) -> None:
-        """Move the newest slot t (not in P for any problem) into P where do[p]."""
-        s = t + 1
-        gii = self.G[:, t, t]
-        ok, coef, zi, v = self._border(s, self.G[:, :s, t] * self.passive[:, :s], gii,
-                                       self.h[:, t], do)
-        v[:, t] = coef  # where not ok, v and coef are 0 and row/column t of H stay 0
-        self.H[:, :s, t] = v
-        self.H[:, t, :s] = v
-        self.z[:, t] = zi
-        self.passive[:, t] = ok
-        self.blocked[:, t] |= do & ~ok
+    @staticmethod
+    def _border_small(schur: torch.Tensor, gnn: torch.Tensor, take: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, ok): the inverse of S (B, m, m) restricted to the slots that pass the Schur test,
+        built one slot at a time (zero rows and columns for slots that fail or are not taken)."""
+        m = int(take.shape[1])
+        x = torch.zeros_like(schur)
+        ok = torch.zeros_like(take)
+        for i in range(m):
+            si = schur[:, :i, i]
+            xi = _matvec(x[:, :i, :i], si)
+            sigma = schur[:, i, i] - (si * xi).sum(1)
+            ok[:, i] = take[:, i] & (sigma > SIGMA_MIN * gnn[:, i, i])
+            coef = torch.where(ok[:, i], 1.0 / torch.where(ok[:, i], sigma, 1.0), 0.0)
+            v = xi * -coef.unsqueeze(1)
+            x[:, :i, :i].baddbmm_(xi.unsqueeze(2), v.unsqueeze(1), alpha=-1.0)
+            x[:, :i, i] = v
+            x[:, i, :i] = v
+            x[:, i, i] = coef
+        return x, ok
+
+    def enter_block(self, t: int, take: torch.Tensor, always_ok: bool) -> None:
+        """Move the new slots t..t+m-1 (none in P yet) into P where take (B, m) holds.
+
+        Block bordering: with U = H G_PN and the Schur complement S = G_NN - G_PN^T U, the new
+        inverse is [[H + U X U^T, -U X], [-X U^T, X]] with X the inverse of S on the entering
+        slots. A slot enters only if its Schur complement given P and the slots before it
+        exceeds SIGMA_MIN * G_ii (the test of entering the slots one by one); a slot that fails
+        is blocked. always_ok: the caller knows every slot passes (lam > SIGMA_MIN * G_ii for all
+        atoms: S >= lam I), so X comes from one batched Cholesky factorisation of S; otherwise
+        X is built by bordering on the small m x m matrix S one slot at a time."""
+        m = int(take.shape[1])
+        s = t + m
+        gpn = self.G[:, :t, t:s] * self.passive[:, :t].unsqueeze(2)  # (B, t, m)
+        gnn = self.G[:, t:s, t:s]
+        u = torch.bmm(self.H[:, :t, :t], gpn)
+        schur = gnn - torch.bmm(gpn.transpose(1, 2), u)
+        if always_ok:  # slots not taken are identity rows of S (zero atoms): masked out of X
+            x = torch.cholesky_inverse(torch.linalg.cholesky_ex(schur)[0])
+            x *= take.unsqueeze(2) & take.unsqueeze(1)
+            ok = take
+        else:
+            x, ok = self._border_small(schur, gnn, take)
+        zn = _matvec(x, self.h[:, t:s] - torch.bmm(self.z[:, :t].unsqueeze(1), gpn).squeeze(1))
+        self.z[:, :t] -= torch.bmm(u, zn.unsqueeze(2)).squeeze(2)
+        self.z[:, t:s] = zn
+        ux = torch.bmm(u, x)  # (B, t, m)
+        self.H[:, :t, :t].baddbmm_(ux, u.transpose(1, 2))
+        self.H[:, :t, t:s] = -ux
+        self.H[:, t:s, :t] = -ux.transpose(1, 2)
+        self.H[:, t:s, t:s] = x
+        self.passive[:, t:s] = ok
+        self.blocked[:, t:s] |= take & ~ok
 
     def enter(self, s: int, i: torch.Tensor, do: torch.Tensor) -> None:
         """Move slot i[p] (not in P) into P where do[p] (bordering update of H and z)."""
@@ -356,19 +404,54 @@ class _NNLS:
         """Run Lawson-Hanson to convergence on the first s slots (host-checked loop).
 
         z is first recomputed from H with iterative refinement (drift control); a zero-weight
-        chosen atom re-enters P when its KKT violation q_i = <a_i, r> exceeds thr[p] * ||r||."""
+        chosen atom re-enters P when its KKT violation q_i = <a_i, r> exceeds thr[p] * ||r||.
+        A problem whose iteration changed nothing has converged; once at most half of the
+        problems still iterate, they are copied into a smaller state (and back at the end), so
+        the O(s^2) updates touch only the problems that need them."""
         self.refine(s)
+        state, members = self, self.rows
         for _ in range(3 * s + 10):
-            infeasible = self.step(s)
-            candidate = self.live[:, :s] & ~self.passive[:, :s] & ~self.blocked[:, :s]
-            violated, i = self._entering(s, bb, lam, thr, candidate)
+            infeasible = state.step(s)
+            candidate = state.live[:, :s] & ~state.passive[:, :s] & ~state.blocked[:, :s]
+            violated, i = state._entering(s, bb[members], lam, thr[members], candidate)
             enter = ~infeasible & violated
-            if not bool((infeasible | enter).any()):
-                return
+            busy = infeasible | enter
+            if not bool(busy.any()):
+                break
             if _maybe(enter):
-                self.enter(s, i, enter)
-        warnings.warn("NN-OMP: Lawson-Hanson did not converge; weights are feasible but may be "
-                      "slightly sub-optimal", RuntimeWarning, stacklevel=3)
+                state.enter(s, i, enter)
+            if 2 * int(busy.sum()) <= len(members):
+                if state is not self:
+                    self._store(members, state, s)
+                members = members[busy]
+                state = self._subset(members, s)
+        else:
+            warnings.warn("NN-OMP: Lawson-Hanson did not converge; weights are feasible but may "
+                          "be slightly sub-optimal", RuntimeWarning, stacklevel=3)
+        if state is not self:
+            self._store(members, state, s)
+            self.w_is_z = False
+
+    def _subset(self, members: torch.Tensor, s: int) -> _NNLS:
+        """A copy of the problems `members` (int64 (m,)), first s slots only."""
+        sub = object.__new__(_NNLS)
+        for name in _SQUARE:
+            setattr(sub, name, getattr(self, name)[members, :s, :s])
+        for name in _VECTORS:
+            setattr(sub, name, getattr(self, name)[members, :s])
+        sub.rows = torch.arange(len(members), device=members.device)
+        sub.w_is_z = self.w_is_z
+        return sub
+
+    def _store(self, members: torch.Tensor, sub: _NNLS, s: int) -> None:
+        """Write the solver state of a `_subset` back (G, h and live are never changed)."""
+        self.H[members, :s, :s] = sub.H
+        for name in ("z", "w", "passive", "blocked"):
+            getattr(self, name)[members, :s] = getattr(sub, name)
+
+
+_SQUARE = ("G", "H")
+_VECTORS = ("h", "z", "w", "passive", "live", "blocked")
 
 
 def nonneg_omp(
@@ -379,14 +462,16 @@ def nonneg_omp(
     eps: float = 1e-6,
     tol: float = 1e-5,
     check_every: int = 16,
+    picks_per_step: int = 1,
 ) -> OMPResult:
     """Solve B non-negative ridge OMP problems together (see the module docstring).
 
     budgets: int or int64 (B,) atoms to choose per problem (clamped to the problem's atom count).
     lam: ridge weight lambda >= 0. eps: relative residual tolerance ||r|| <= eps ||b||.
     tol: relative threshold for a positive correlation, in units of max_i ||a_i|| * ||r||.
-    check_every: steps between host-synchronised exact Lawson-Hanson solves (>= 1; 1 makes every
-      pick use the exact non-negative solution on the current support).
+    check_every: chosen atoms between host-synchronised exact Lawson-Hanson solves (>= 1; 1
+      makes every pick use the exact non-negative solution on the current support).
+    picks_per_step: atoms added per step (>= 1; 1 is textbook OMP).
     """
     if lam < 0 or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
@@ -394,13 +479,15 @@ def nonneg_omp(
         raise ValueError(f"eps must be >= 0, got {eps}")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if picks_per_step < 1:
+        raise ValueError(f"picks_per_step must be >= 1, got {picks_per_step}")
     with _cpu_threads(atoms.device), torch.no_grad():
-        return _nonneg_omp(atoms, budgets, lam, eps, tol, check_every)
+        return _nonneg_omp(atoms, budgets, lam, eps, tol, check_every, picks_per_step)
 
 
 def _nonneg_omp(
     atoms: Atoms, budgets: torch.Tensor | int, lam: float, eps: float, tol: float,
-    check_every: int,
+    check_every: int, picks_per_step: int,
 ) -> OMPResult:
     device, nb, n = atoms.device, atoms.batch, atoms.size
     counts = atoms.counts.to(device)
@@ -414,37 +501,50 @@ def _nonneg_omp(
     bb = atoms.target_sq_norm().to(torch.float64)
     amax = atoms.sq_norms().max(1).values.to(torch.float64).sqrt() if n else bb * 0
     thr = tol * amax
+    # with a ridge, every Schur complement is >= lam: no atom can fail the entry test when
+    # lam > SIGMA_MIN * (max ||a_i||^2 + lam) (read once, before the loop)
+    always_ok = nb > 0 and n > 0 and lam > SIGMA_MIN * (float(amax.max()) ** 2 + lam)
     chosen = torch.arange(n, device=device).unsqueeze(0) >= counts.unsqueeze(1)  # padding
     slots = torch.full((nb, max(cap, 1)), -1, dtype=torch.int64, device=device)
     objective = torch.full((nb, cap + 1), math.nan, dtype=torch.float64, device=device)
     active = (budgets > 0) & (bb > 0)
-    t = 0
+    taken = torch.zeros_like(budgets)  # OMP steps in which each problem took atoms
+    t = step = 0
     while t < cap:
         w = state.w[:, :t]
-        corr = atoms.correlations(t, w)
+        corr = atoms.correlations(t, w).masked_fill(chosen, -math.inf)
         f = state.objective(t, bb)
         rsq = (f - lam * (w * w).sum(1)).clamp_min(0.0)
-        objective[:, t] = torch.where(active, f, math.nan)
-        best, j = corr.masked_fill(chosen, -math.inf).max(1)
-        positive = (state.passive[:, :t] & (w > 0)).sum(1)
-        active &= (positive < budgets) & (rsq > eps * eps * bb) & (best.double() > thr * rsq.sqrt())
-        j = torch.where(active, j, 0)
-        chosen[rows, j] |= active
-        slots[:, t] = torch.where(active, j, -1)
-        g, ht = atoms.add(t, j, active)
-        state.G[:, t, :t] = g[:, :t]
-        state.G[:, :t, t] = g[:, :t]
-        state.G[:, t, t] = torch.where(active, g[:, t] + lam, 1.0)
-        state.h[:, t] = torch.where(active, ht, 0.0)
-        state.live[:, t] = active
-        state.enter_new(t, active)
-        t += 1
+        objective[:, step] = torch.where(active, f, math.nan)
+        room = budgets - (state.passive[:, :t] & (w > 0)).sum(1)
+        m = min(picks_per_step, cap - t)
+        best, j = corr.max(1, keepdim=True) if m == 1 else corr.topk(m, 1)
+        take = ((torch.arange(m, device=device) < room.unsqueeze(1))
+                & (best.double() > (thr * rsq.sqrt()).unsqueeze(1))
+                & (active & (rsq > eps * eps * bb)).unsqueeze(1))
+        active = take[:, 0]
+        taken += active
+        j = torch.where(take, j, n)  # index n: a sink column, never a real atom
+        hits = torch.zeros(nb, n + 1, dtype=torch.bool, device=device).scatter_(1, j, True)
+        chosen |= hits[:, :n]
+        j = j.clamp_max(n - 1)
+        slots[:, t : t + m] = torch.where(take, j, -1)
+        g, ht = atoms.add(t, j, take)
+        s = t + m
+        state.G[:, t:s, :s] = g
+        state.G[:, :t, t:s] = g[:, :, :t].transpose(1, 2)
+        diag = torch.diagonal(state.G[:, t:s, t:s], dim1=1, dim2=2)
+        diag.copy_(torch.where(take, diag + lam, 1.0))
+        state.h[:, t:s] = torch.where(take, ht, 0.0)
+        state.live[:, t:s] = take
+        state.enter_block(t, take, always_ok)
+        t, step = s, step + 1
         infeasible = state.step(t)
-        if t % check_every == 0 or t == cap or state.unsettled(t, infeasible, bb, lam, thr):
+        check = t // check_every > (t - m) // check_every or t == cap
+        if check or state.unsettled(t, infeasible, bb, lam, thr):
             state.solve(t, bb, lam, thr)
             if not bool(active.any()):
                 break
-    taken = state.live[:, :t].sum(1)
     dropped = _trim(state, t, budgets, bb, lam, thr)
     slots[:, :t] = slots[:, :t].masked_fill(dropped, -1)
     w = state.w[:, :t]
@@ -459,7 +559,7 @@ def _nonneg_omp(
     return OMPResult(
         slots=slots[:, :t],
         weights=(state.w[:, :t] * (slots[:, :t] >= 0)),
-        objective=objective[:, : t + 1],
+        objective=objective[:, : step + 1],
         residual=residual,
         correlations=corr,
         steps=(slots[:, :t] >= 0).sum(1),
