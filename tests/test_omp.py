@@ -292,9 +292,9 @@ def test_cuda_schedule_is_exact_at_the_end(monkeypatch, picks, check_every):
     np.testing.assert_allclose(got, expected, atol=1e-6 * expected.max(), rtol=1e-6)
 
 
-def test_block_entry_by_cholesky_equals_slot_by_slot_bordering():
-    """The two ways `enter_block` builds the inverse Gram matrix agree, and equal the inverse
-    of G on the entered slots computed directly."""
+def test_block_entry_gives_the_inverse_gram_matrix():
+    """Block entry with and without the ridge shortcut (`always_ok`) gives the same state, and
+    H is the inverse of G on the entered slots computed directly."""
     gen = torch.Generator().manual_seed(16)
     a = torch.randn(2, 9, 12, generator=gen, dtype=torch.float64)
     lam = 0.3
@@ -322,3 +322,20 @@ def test_block_entry_by_cholesky_equals_slot_by_slot_bordering():
         torch.testing.assert_close(states[0].H[p, :size, :size], inverse)
         assert (states[0].H[p, size:] == 0).all()
         torch.testing.assert_close(states[0].z[p, :size], inverse @ h[p, :size])
+
+
+def test_small_bordering_skips_dependent_slots():
+    """`_border_small` (used where the Cholesky shortcut cannot be trusted) inverts S on the
+    taken slots and blocks a slot that is a combination of earlier ones (pivot below the
+    threshold), exactly as entering the slots one at a time would."""
+    gen = torch.Generator().manual_seed(17)
+    rows = torch.randn(1, 4, 6, generator=gen, dtype=torch.float64)
+    rows = torch.cat([rows, rows[:, :1] + rows[:, 1:2], rows[:, 2:3]], 1)  # slot 4, 5 dependent
+    schur = torch.bmm(rows, rows.transpose(1, 2))
+    take = torch.tensor([[True, True, False, True, True, True]])
+    x, ok = omp._NNLS._border_small(schur, schur, take)
+    assert ok.tolist() == [[True, True, False, True, False, True]]  # 5 = 2, but 2 was not taken
+    keep = torch.tensor([0, 1, 3, 5])
+    expected = torch.zeros(6, 6, dtype=torch.float64)
+    expected[keep.unsqueeze(1), keep] = torch.linalg.inv(schur[0][keep][:, keep])
+    torch.testing.assert_close(x[0], expected)

@@ -283,20 +283,25 @@ class _NNLS:
         inverse is [[H + U X U^T, -U X], [-X U^T, X]] with X the inverse of S on the entering
         slots. A slot enters only if its Schur complement given P and the slots before it
         exceeds SIGMA_MIN * G_ii (the test of entering the slots one by one); a slot that fails
-        is blocked. always_ok: the caller knows every slot passes (lam > SIGMA_MIN * G_ii for all
-        atoms: S >= lam I), so X comes from one batched Cholesky factorisation of S; otherwise
-        X is built by bordering on the small m x m matrix S one slot at a time."""
+        is blocked. X comes from one batched Cholesky factorisation of S when every slot passes:
+        known beforehand when always_ok (lam > SIGMA_MIN * G_ii for all atoms, so S >= lam I),
+        and on the CPU read from the factor's diagonal (a host read, free there). Otherwise X is
+        built by bordering on the small m x m matrix S one slot at a time (no host read)."""
         m = int(take.shape[1])
         s = t + m
         gpn = self.G[:, :t, t:s] * self.passive[:, :t].unsqueeze(2)  # (B, t, m)
         gnn = self.G[:, t:s, t:s]
         u = torch.bmm(self.H[:, :t, :t], gpn)
         schur = gnn - torch.bmm(gpn.transpose(1, 2), u)
-        if always_ok:  # slots not taken are identity rows of S (zero atoms): masked out of X
-            x = torch.cholesky_inverse(torch.linalg.cholesky_ex(schur)[0])
-            x *= take.unsqueeze(2) & take.unsqueeze(1)
+        # the squared diagonal of S's Cholesky factor holds the one-by-one Schur complements;
+        # slots not taken are identity rows of S (zero atoms) and are masked out of X
+        factor, info = torch.linalg.cholesky_ex(schur)
+        if always_ok or (schur.device.type == "cpu" and bool(
+                ((info == 0) & (torch.diagonal(factor, dim1=1, dim2=2) ** 2
+                                > SIGMA_MIN * torch.diagonal(gnn, dim1=1, dim2=2)).all(1)).all())):
+            x = torch.cholesky_inverse(factor) * (take.unsqueeze(2) & take.unsqueeze(1))
             ok = take
-        else:
+        else:  # a slot may fail the entry test: skip it, as entering one by one would
             x, ok = self._border_small(schur, gnn, take)
         zn = _matvec(x, self.h[:, t:s] - torch.bmm(self.z[:, :t].unsqueeze(1), gpn).squeeze(1))
         self.z[:, :t] -= torch.bmm(u, zn.unsqueeze(2)).squeeze(2)
