@@ -21,8 +21,9 @@ sweep), so batched problems stay in lock-step on a GPU. The small matrices are f
 exact solve also applies one step of iterative refinement against G); the correlations over all
 n atoms (the O(n d) part) are float32.
 
-No host synchronisation happens inside a step on CUDA: every problem runs the same fixed
-sequence of tensor ops, stopped problems are masked. Each step does one Lawson-Hanson iteration
+No host synchronisation happens inside a single-pick step on CUDA: every problem runs the same
+fixed sequence of tensor ops, stopped problems are masked. (A step of several picks without a
+ridge reads one flag, see `_NNLS.enter_block`.) Each step does one Lawson-Hanson iteration
 (a removal if the new unconstrained solution is infeasible). Whenever the number of chosen slots
 passes a multiple of `check_every`, and at the end, an exact Lawson-Hanson loop (with host
 checks and the KKT re-entry test of zero-weight chosen atoms) runs to convergence, so the
@@ -285,8 +286,10 @@ class _NNLS:
         exceeds SIGMA_MIN * G_ii (the test of entering the slots one by one); a slot that fails
         is blocked. X comes from one batched Cholesky factorisation of S when every slot passes:
         known beforehand when always_ok (lam > SIGMA_MIN * G_ii for all atoms, so S >= lam I),
-        and on the CPU read from the factor's diagonal (a host read, free there). Otherwise X is
-        built by bordering on the small m x m matrix S one slot at a time (no host read)."""
+        else, for m > 1, read from the factor's diagonal: one host read per step (a device
+        synchronisation on CUDA, instead of m sequential bordering steps of ~12 small kernels
+        each). Otherwise (m = 1 without the guarantee, or a slot fails) X is built by bordering on
+        the small m x m matrix S one slot at a time."""
         m = int(take.shape[1])
         s = t + m
         gpn = self.G[:, :t, t:s] * self.passive[:, :t].unsqueeze(2)  # (B, t, m)
@@ -296,7 +299,7 @@ class _NNLS:
         # the squared diagonal of S's Cholesky factor holds the one-by-one Schur complements;
         # slots not taken are identity rows of S (zero atoms) and are masked out of X
         factor, info = torch.linalg.cholesky_ex(schur)
-        if always_ok or (schur.device.type == "cpu" and bool(
+        if always_ok or (m > 1 and bool(
                 ((info == 0) & (torch.diagonal(factor, dim1=1, dim2=2) ** 2
                                 > SIGMA_MIN * torch.diagonal(gnn, dim1=1, dim2=2)).all(1)).all())):
             x = torch.cholesky_inverse(factor) * (take.unsqueeze(2) & take.unsqueeze(1))
