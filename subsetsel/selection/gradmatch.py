@@ -154,7 +154,7 @@ class _GradMatchBase(Strategy):
 
     def _solve(self, atoms: Any, budgets: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
-        picks = self.picks_per_step or auto_picks_per_step(int(budgets.max()))
+        picks = self._picks(int(budgets.max()) if budgets.numel() else 0)
         result = nonneg_omp(atoms, budgets, lam=self.lam, eps=self.eps,
                             check_every=self.check_every, picks_per_step=picks)
         pos, weights, filled = complete_to_budget(result, budgets, atoms.counts)
@@ -170,6 +170,10 @@ class _GradMatchBase(Strategy):
 
     def _class_slice(self) -> bool:
         return False
+
+    def _picks(self, budget: int) -> int:
+        """Atoms per OMP step for the largest budget of a round."""
+        return self.picks_per_step or auto_picks_per_step(budget)
 
     def _random(self, ctx: SelectionContext, cand: torch.Tensor, k: int) -> Selection:
         """The random first round, drawn from the candidates (never the validation split)."""
@@ -233,7 +237,8 @@ class GradMatch(_GradMatchBase):
         n = len(ctx.dataset)
         c = 1 if self.per_gradient else classes
         counts = torch.bincount(ctx.dataset.y_train.cpu()[cand], minlength=classes)
-        cap = capacity(int(class_budgets(k, counts).max())) if k else 0
+        kmax = int(class_budgets(k, counts).max()) if k else 0
+        cap = capacity(kmax, self._picks(kmax))
         groups, width = int((counts > 0).sum()), int(counts.max()) if counts.numel() else 0
         factors = 4 * n * (c + dim)
         padded = 4 * groups * width * (3 * (c + dim) + 2 * c)  # factors (3 copies), products
@@ -318,7 +323,8 @@ class GradMatchPB(_GradMatchBase):
                ) -> int:
         n = len(ctx.dataset)
         m = math.ceil(cand.numel() / ctx.batch_size)
-        cap = min(m, capacity(min(m, math.ceil(k / ctx.batch_size))))
+        kb = min(m, math.ceil(k / ctx.batch_size))
+        cap = min(m, capacity(kb, self._picks(kb)))
         d = classes * (dim + 1)
         return 4 * n * (classes + dim) + 4 * m * d + 8 * cap * (d + 2 * cap + 8)
 

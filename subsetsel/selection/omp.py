@@ -24,18 +24,19 @@ n atoms (the O(n d) part) are float32.
 No host synchronisation happens inside a single-pick step on CUDA: every problem runs the same
 fixed sequence of tensor ops, stopped problems are masked. (A step of several picks without a
 ridge reads one flag, see `_NNLS.enter_block`.) Each step does one Lawson-Hanson iteration
-(a removal if the new unconstrained solution is infeasible). Whenever the number of chosen slots
-passes a multiple of `check_every`, and at the end, an exact Lawson-Hanson loop (with host
-checks and the KKT re-entry test of zero-weight chosen atoms) runs to convergence, so the
-returned weights are the exact non-negative ridge solution on the returned support (checked
-against scipy's nnls in the tests). On the CPU, where reading a flag costs nothing, that exact
-loop also runs after every step that left Lawson-Hanson unconverged, so every pick uses the
-exact solution on the current support (with one pick per step: the same picks as re-solving from
-scratch each step); on CUDA the steps after such a step, up to the next check point, pick with a
-feasible but not yet optimal w.
+(a removal if the new unconstrained solution is infeasible). Whenever the number of used support
+slots passes a multiple of `check_every`, and at the end, an exact Lawson-Hanson loop (with host
+checks and the KKT re-entry test of zero-weight chosen atoms, including atoms that failed the
+entry test of a block) runs to convergence, so the returned weights are the exact non-negative
+ridge solution on the returned support (checked against scipy's nnls in the tests). On the CPU,
+where reading a flag costs nothing, that exact loop also runs after every step that left
+Lawson-Hanson unconverged, so every pick uses the exact solution on the current support (with
+one pick per step: the same picks as re-solving from scratch each step), and the loop stops as
+soon as no problem takes an atom; on CUDA the steps after such a step, up to the next check
+point, pick with a feasible but not yet optimal w, and stopped problems run on to that point.
 
 Budget: a chosen atom whose weight the constraint w >= 0 sets to 0 does not count; OMP continues
-until k_p atoms have positive weight, using at most k_p + max(8, k_p/4) slots. If zeroed atoms
+until k_p atoms have positive weight, using at most `capacity(k_p, m)` slots. If zeroed atoms
 re-enter later and more than k_p end positive, the smallest-weight ones are dropped from the
 support (and re-solved without them). Stopping early: when ||r|| <= eps * ||b||, or when no
 unchosen atom has a correlation above tol * max_i ||a_i|| * ||r|| (the non-negative optimum over
@@ -55,6 +56,8 @@ from typing import Protocol
 import torch
 
 SIGMA_MIN = 1e-10  # an atom enters P only if its Schur complement exceeds this share of G_ii
+BLOCK_SIGMA_MIN = 1e-8  # the same test for the atoms of a block (their pivots carry more error)
+RIDGE_MARGIN = 1e-6  # lam > RIDGE_MARGIN * max G_ii: every block atom passes (see `_nonneg_omp`)
 CPU_THREADS = 1  # torch threads while solving on the CPU (see `_cpu_threads`)
 SPARE, SPARE_MIN = 0.25, 8  # extra slots beyond the budget for atoms that end at weight 0
 
@@ -176,10 +179,13 @@ class OMPResult:
         return out[:, :n]
 
 
-def capacity(budget: int) -> int:
-    """Most support slots (chosen atoms) for a budget: budget + max(8, ceil(budget / 4)) (0 for
-    budget 0); the spare slots replace chosen atoms that end at weight 0."""
-    return budget + max(SPARE_MIN, math.ceil(SPARE * budget)) if budget > 0 else 0
+def capacity(budget: int, picks_per_step: int = 1) -> int:
+    """Most support slots for a budget: budget + max(8, ceil(budget / 4)) + 2 (m - 1) with m the
+    picks per step (0 for budget 0). The spare slots replace chosen atoms that end at weight 0;
+    the 2 (m - 1) cover empty slots of steps that add fewer than m atoms."""
+    if budget <= 0:
+        return 0
+    return budget + max(SPARE_MIN, math.ceil(SPARE * budget)) + 2 * (picks_per_step - 1)
 
 
 @contextlib.contextmanager
@@ -220,7 +226,8 @@ class _NNLS:
     G: ridge Gram matrix of the slots (identity on unused slots), h: <a_slot, b>,
     H: inverse of G restricted to the passive set P (zero outside P), z: H h (the unconstrained
     solution on P), w: the current feasible iterate, live: slot holds a chosen atom, blocked: a
-    chosen atom that is (numerically) a combination of passive atoms and may not enter P.
+    chosen atom that failed the entry test (numerically a combination of passive atoms); it is
+    re-tested at the next exact solve. dropped: removed by `_trim` for the budget, never again.
     w_is_z: True when w == z is known on the host (then f(w) = ||b||^2 - h.w).
     """
 
@@ -235,6 +242,7 @@ class _NNLS:
         self.passive = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.live = torch.zeros_like(self.passive)
         self.blocked = torch.zeros_like(self.passive)
+        self.dropped = torch.zeros_like(self.passive)
         self.w_is_z = True
 
     def _border(
@@ -257,10 +265,11 @@ class _NNLS:
         return ok, coef, zi, v
 
     @staticmethod
-    def _border_small(schur: torch.Tensor, gnn: torch.Tensor, take: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X, ok): the inverse of S (B, m, m) restricted to the slots that pass the Schur test,
-        built one slot at a time (zero rows and columns for slots that fail or are not taken)."""
+    def _border_small(schur: torch.Tensor, gnn: torch.Tensor, take: torch.Tensor,
+                      threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, ok): the inverse of S (B, m, m) restricted to the slots whose Schur complement
+        exceeds threshold * G_ii, built one slot at a time (zero rows and columns for slots that
+        fail or are not taken)."""
         m = int(take.shape[1])
         x = torch.zeros_like(schur)
         ok = torch.zeros_like(take)
@@ -268,7 +277,7 @@ class _NNLS:
             si = schur[:, :i, i]
             xi = _matvec(x[:, :i, :i], si)
             sigma = schur[:, i, i] - (si * xi).sum(1)
-            ok[:, i] = take[:, i] & (sigma > SIGMA_MIN * gnn[:, i, i])
+            ok[:, i] = take[:, i] & (sigma > threshold * gnn[:, i, i])
             coef = torch.where(ok[:, i], 1.0 / torch.where(ok[:, i], sigma, 1.0), 0.0)
             v = xi * -coef.unsqueeze(1)
             x[:, :i, :i].baddbmm_(xi.unsqueeze(2), v.unsqueeze(1), alpha=-1.0)
@@ -283,29 +292,35 @@ class _NNLS:
         Block bordering: with U = H G_PN and the Schur complement S = G_NN - G_PN^T U, the new
         inverse is [[H + U X U^T, -U X], [-X U^T, X]] with X the inverse of S on the entering
         slots. A slot enters only if its Schur complement given P and the slots before it
-        exceeds SIGMA_MIN * G_ii (the test of entering the slots one by one); a slot that fails
-        is blocked. X comes from one batched Cholesky factorisation of S when every slot passes:
-        known beforehand when always_ok (lam > SIGMA_MIN * G_ii for all atoms, so S >= lam I),
-        else, for m > 1, read from the factor's diagonal: one host read per step (a device
-        synchronisation on CUDA, instead of m sequential bordering steps of ~12 small kernels
-        each). Otherwise (m = 1 without the guarantee, or a slot fails) X is built by bordering on
-        the small m x m matrix S one slot at a time."""
+        exceeds SIGMA_MIN * G_ii for a single slot, BLOCK_SIGMA_MIN * G_ii in a block of m > 1
+        (the pivots of later block slots are computed through the earlier ones and carry their
+        rounding error); a slot that fails is blocked until the next exact solve re-tests it on
+        its own. X comes from one batched Cholesky factorisation of S when every slot passes:
+        known beforehand when always_ok (the ridge makes S >= lam I, and lam exceeds
+        RIDGE_MARGIN * G_ii for every atom), else, for m > 1, read from the factor's diagonal:
+        one host read per step (a device synchronisation on CUDA, instead of m sequential
+        bordering steps of ~12 small kernels each). Otherwise (a single slot without the
+        guarantee, or a failing slot) X is built by bordering on the small m x m matrix S one slot
+        at a time."""
         m = int(take.shape[1])
         s = t + m
         gpn = self.G[:, :t, t:s] * self.passive[:, :t].unsqueeze(2)  # (B, t, m)
         gnn = self.G[:, t:s, t:s]
         u = torch.bmm(self.H[:, :t, :t], gpn)
         schur = gnn - torch.bmm(gpn.transpose(1, 2), u)
-        # the squared diagonal of S's Cholesky factor holds the one-by-one Schur complements;
-        # slots not taken are identity rows of S (zero atoms) and are masked out of X
-        factor, info = torch.linalg.cholesky_ex(schur)
-        if always_ok or (m > 1 and bool(
-                ((info == 0) & (torch.diagonal(factor, dim1=1, dim2=2) ** 2
-                                > SIGMA_MIN * torch.diagonal(gnn, dim1=1, dim2=2)).all(1)).all())):
-            x = torch.cholesky_inverse(factor) * (take.unsqueeze(2) & take.unsqueeze(1))
-            ok = take
-        else:  # a slot may fail the entry test: skip it, as entering one by one would
-            x, ok = self._border_small(schur, gnn, take)
+        threshold = SIGMA_MIN if m == 1 else BLOCK_SIGMA_MIN
+        x = None
+        if always_ok or m > 1:
+            # the squared diagonal of S's Cholesky factor holds the one-by-one Schur complements;
+            # slots not taken are identity rows of S (zero atoms) and are masked out of X
+            factor, info = torch.linalg.cholesky_ex(schur)
+            if always_ok or bool(((info == 0) & (
+                    torch.diagonal(factor, dim1=1, dim2=2) ** 2
+                    > threshold * torch.diagonal(gnn, dim1=1, dim2=2)).all(1)).all()):
+                x = torch.cholesky_inverse(factor) * (take.unsqueeze(2) & take.unsqueeze(1))
+                ok = take
+        if x is None:  # a slot may fail the entry test: skip it, as entering one by one would
+            x, ok = self._border_small(schur, gnn, take, threshold)
         zn = _matvec(x, self.h[:, t:s] - torch.bmm(self.z[:, :t].unsqueeze(1), gpn).squeeze(1))
         self.z[:, :t] -= torch.bmm(u, zn.unsqueeze(2)).squeeze(2)
         self.z[:, t:s] = zn
@@ -375,7 +390,7 @@ class _NNLS:
             return False
         if bool(infeasible.any()):
             return True
-        zero_set = self.live[:, :s] & ~self.passive[:, :s] & ~self.blocked[:, :s]
+        zero_set = self._zero_set(s) & ~self.blocked[:, :s]
         if not bool(zero_set.any()):
             return False
         return bool(self._entering(s, bb, lam, thr, zero_set)[0].any())
@@ -417,10 +432,11 @@ class _NNLS:
         problems still iterate, they are copied into a smaller state (and back at the end), so
         the O(s^2) updates touch only the problems that need them."""
         self.refine(s)
+        self.blocked[:, :s] = False  # re-test atoms that failed an entry test, one at a time
         state, members = self, self.rows
         for _ in range(3 * s + 10):
             infeasible = state.step(s)
-            candidate = state.live[:, :s] & ~state.passive[:, :s] & ~state.blocked[:, :s]
+            candidate = state._zero_set(s) & ~state.blocked[:, :s]
             violated, i = state._entering(s, bb[members], lam, thr[members], candidate)
             enter = ~infeasible & violated
             busy = infeasible | enter
@@ -439,6 +455,10 @@ class _NNLS:
         if state is not self:
             self._store(members, state, s)
             self.w_is_z = False
+
+    def _zero_set(self, s: int) -> torch.Tensor:
+        """(B, s): chosen atoms outside P that may enter it (not dropped for the budget)."""
+        return self.live[:, :s] & ~self.passive[:, :s] & ~self.dropped[:, :s]
 
     def _subset(self, members: torch.Tensor, s: int) -> _NNLS:
         """A copy of the problems `members` (int64 (m,)), first s slots only."""
@@ -459,7 +479,7 @@ class _NNLS:
 
 
 _SQUARE = ("G", "H")
-_VECTORS = ("h", "z", "w", "passive", "live", "blocked")
+_VECTORS = ("h", "z", "w", "passive", "live", "blocked", "dropped")
 
 
 def nonneg_omp(
@@ -477,8 +497,9 @@ def nonneg_omp(
     budgets: int or int64 (B,) atoms to choose per problem (clamped to the problem's atom count).
     lam: ridge weight lambda >= 0. eps: relative residual tolerance ||r|| <= eps ||b||.
     tol: relative threshold for a positive correlation, in units of max_i ||a_i|| * ||r||.
-    check_every: chosen atoms between host-synchronised exact Lawson-Hanson solves (>= 1; 1
-      makes every pick use the exact non-negative solution on the current support).
+    check_every: support slots (chosen atoms, and the empty slots of steps that add fewer than
+      picks_per_step atoms) between host-synchronised exact Lawson-Hanson solves (>= 1; 1 makes
+      every pick use the exact non-negative solution on the current support).
     picks_per_step: atoms added per step (>= 1; 1 is textbook OMP).
     """
     if lam < 0 or not math.isfinite(lam):
@@ -502,22 +523,24 @@ def _nonneg_omp(
     budgets = torch.as_tensor(budgets, dtype=torch.int64, device=device).expand(nb)
     budgets = torch.minimum(budgets.clamp_min(0), counts)
     k = int(budgets.max()) if nb else 0
-    cap = min(n, capacity(k))
+    cap = min(n, capacity(k, picks_per_step))
     rows = torch.arange(nb, device=device)
     atoms.start(max(cap, 1))
     state = _NNLS(nb, max(cap, 1), device)
     bb = atoms.target_sq_norm().to(torch.float64)
     amax = atoms.sq_norms().max(1).values.to(torch.float64).sqrt() if n else bb * 0
     thr = tol * amax
-    # with a ridge, every Schur complement is >= lam: no atom can fail the entry test when
-    # lam > SIGMA_MIN * (max ||a_i||^2 + lam) (read once, before the loop)
-    always_ok = nb > 0 and n > 0 and lam > SIGMA_MIN * (float(amax.max()) ** 2 + lam)
+    # with a ridge every Schur complement is >= lam in exact arithmetic; with a margin of
+    # RIDGE_MARGIN of the largest G_ii (condition number <= 1e6, so float64 keeps it) no atom
+    # can fail the entry test (read once, before the loop)
+    always_ok = nb > 0 and n > 0 and lam > RIDGE_MARGIN * (float(amax.max()) ** 2 + lam)
     chosen = torch.arange(n, device=device).unsqueeze(0) >= counts.unsqueeze(1)  # padding
     slots = torch.full((nb, max(cap, 1)), -1, dtype=torch.int64, device=device)
     objective = torch.full((nb, cap + 1), math.nan, dtype=torch.float64, device=device)
     active = (budgets > 0) & (bb > 0)
     taken = torch.zeros_like(budgets)  # OMP steps in which each problem took atoms
     t = step = 0
+    solved = True  # the weights are the exact solution on the current support
     while t < cap:
         w = state.w[:, :t]
         corr = atoms.correlations(t, w).masked_fill(chosen, -math.inf)
@@ -531,6 +554,8 @@ def _nonneg_omp(
                 & (best.double() > (thr * rsq.sqrt()).unsqueeze(1))
                 & (active & (rsq > eps * eps * bb)).unsqueeze(1))
         active = take[:, 0]
+        if device.type == "cpu" and not bool(active.any()):  # free to read on the CPU
+            break
         taken += active
         j = torch.where(take, j, n)  # index n: a sink column, never a real atom
         hits = torch.zeros(nb, n + 1, dtype=torch.bool, device=device).scatter_(1, j, True)
@@ -549,10 +574,13 @@ def _nonneg_omp(
         t, step = s, step + 1
         infeasible = state.step(t)
         check = t // check_every > (t - m) // check_every or t == cap
-        if check or state.unsettled(t, infeasible, bb, lam, thr):
+        solved = check or state.unsettled(t, infeasible, bb, lam, thr)
+        if solved:
             state.solve(t, bb, lam, thr)
             if not bool(active.any()):
                 break
+    if not solved:  # also re-tests atoms that failed a block's entry test
+        state.solve(t, bb, lam, thr)
     dropped = _trim(state, t, budgets, bb, lam, thr)
     slots[:, :t] = slots[:, :t].masked_fill(dropped, -1)
     w = state.w[:, :t]
@@ -578,8 +606,7 @@ def _trim(state: _NNLS, s: int, budgets: torch.Tensor, bb: torch.Tensor, lam: fl
           thr: torch.Tensor) -> torch.Tensor:
     """Where more than budget atoms ended with positive weight (zeroed atoms re-entered),
     drop the smallest-weight one and re-solve until the budget holds. Returns the dropped
-    slots (B, s); they are blocked from re-entering and leave the support."""
-    dropped = torch.zeros_like(state.passive[:, :s])
+    slots (B, s); they never re-enter and leave the support."""
     for _ in range(s):
         positive = state.passive[:, :s] & (state.w[:, :s] > 0)
         over = positive.sum(1) > budgets
@@ -588,10 +615,9 @@ def _trim(state: _NNLS, s: int, budgets: torch.Tensor, bb: torch.Tensor, lam: fl
         j = torch.where(positive, state.w[:, :s], math.inf).argmin(1)
         state.leave(s, j, over)
         state.w[state.rows, j] = torch.where(over, 0.0, state.w[state.rows, j])
-        state.blocked[state.rows, j] |= over
-        dropped[state.rows, j] |= over
+        state.dropped[state.rows, j] |= over
         state.solve(s, bb, lam, thr)
-    return dropped
+    return state.dropped[:, :s].clone()
 
 
 def complete_to_budget(
