@@ -220,6 +220,23 @@ def _matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v.unsqueeze(1), m).squeeze(1)
 
 
+def _border(inv: torch.Tensor, g: torch.Tensor, diag: torch.Tensor, scale: torch.Tensor,
+            do: torch.Tensor, threshold: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bordering of a batch of symmetric inverses inv (B, s, s) by one new slot: g (B, s) its
+    column (masked to the slots inv covers), diag (B,) its diagonal entry. Where do and the
+    Schur complement sigma = diag - g.u (u = inv g) exceeds threshold * scale, adds u u^T / sigma
+    to inv in place. Returns (ok, coef = 1/sigma (0 where not ok), u, v = -u coef, the slot's
+    new off-diagonal row/column of the inverse)."""
+    u = _matvec(inv, g)
+    sigma = diag - (g * u).sum(1)
+    ok = do & (sigma > threshold * scale)
+    coef = torch.where(ok, 1.0 / torch.where(ok, sigma, 1.0), 0.0)
+    v = u * -coef.unsqueeze(1)
+    inv.baddbmm_(u.unsqueeze(2), v.unsqueeze(1), alpha=-1.0)
+    return ok, coef, u, v
+
+
 class _NNLS:
     """Lawson-Hanson state on the support slots of B problems (all float64, capacity k).
 
@@ -245,25 +262,6 @@ class _NNLS:
         self.dropped = torch.zeros_like(self.passive)
         self.w_is_z = True
 
-    def _border(
-        self, s: int, gi: torch.Tensor, gii: torch.Tensor, hi: torch.Tensor, do: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bordering for a slot entering P: gi (B, s) is its Gram column masked to P, gii its
-        diagonal entry, hi its target product. Adds u u^T / sigma to H[:s, :s] (u = H gi,
-        sigma = gii - gi.u) and updates z on P. Returns (ok, coef, zi, v): where it may enter
-        (do and sigma > SIGMA_MIN * gii), 1/sigma (0 where not ok), its new z entry and its new
-        off-diagonal row/column of H, -u/sigma (zero where not ok)."""
-        H = self.H[:, :s, :s]
-        u = _matvec(H, gi)
-        sigma = gii - (gi * u).sum(1)
-        ok = do & (sigma > SIGMA_MIN * gii)
-        coef = torch.where(ok, 1.0 / torch.where(ok, sigma, 1.0), 0.0)
-        zi = coef * (hi - (gi * self.z[:, :s]).sum(1))
-        self.z[:, :s] -= u * zi.unsqueeze(1)
-        v = u * -coef.unsqueeze(1)
-        H.baddbmm_(u.unsqueeze(2), v.unsqueeze(1), alpha=-1.0)
-        return ok, coef, zi, v
-
     @staticmethod
     def _border_small(schur: torch.Tensor, gnn: torch.Tensor, take: torch.Tensor,
                       threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,13 +272,8 @@ class _NNLS:
         x = torch.zeros_like(schur)
         ok = torch.zeros_like(take)
         for i in range(m):
-            si = schur[:, :i, i]
-            xi = _matvec(x[:, :i, :i], si)
-            sigma = schur[:, i, i] - (si * xi).sum(1)
-            ok[:, i] = take[:, i] & (sigma > threshold * gnn[:, i, i])
-            coef = torch.where(ok[:, i], 1.0 / torch.where(ok[:, i], sigma, 1.0), 0.0)
-            v = xi * -coef.unsqueeze(1)
-            x[:, :i, :i].baddbmm_(xi.unsqueeze(2), v.unsqueeze(1), alpha=-1.0)
+            ok[:, i], coef, _, v = _border(x[:, :i, :i], schur[:, :i, i], schur[:, i, i],
+                                           gnn[:, i, i], take[:, i], threshold)
             x[:, :i, i] = v
             x[:, i, :i] = v
             x[:, i, i] = coef
@@ -337,7 +330,9 @@ class _NNLS:
         rows = self.rows
         gii = self.G[rows, i, i]
         gi = self.G[rows, :s, i] * self.passive[:, :s]
-        ok, coef, zi, v = self._border(s, gi, gii, self.h[rows, i], do)
+        ok, coef, u, v = _border(self.H[:, :s, :s], gi, gii, gii, do, SIGMA_MIN)
+        zi = coef * (self.h[rows, i] - (gi * self.z[:, :s]).sum(1))  # its new z entry
+        self.z[:, :s] -= u * zi.unsqueeze(1)
         v[rows, i] = coef
         keep = ~ok.unsqueeze(1)  # rows that do not enter keep their (possibly passive) slot i
         self.H[rows, :s, i] = torch.where(keep, self.H[rows, :s, i], v)
@@ -390,10 +385,10 @@ class _NNLS:
             return False
         if bool(infeasible.any()):
             return True
-        zero_set = self._zero_set(s) & ~self.blocked[:, :s]
-        if not bool(zero_set.any()):
+        candidate = self._candidates(s)
+        if not bool(candidate.any()):
             return False
-        return bool(self._entering(s, bb, lam, thr, zero_set)[0].any())
+        return bool(self._entering(s, bb, lam, thr, candidate)[0].any())
 
     def _entering(self, s: int, bb: torch.Tensor, lam: float, thr: torch.Tensor,
                   candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,7 +431,7 @@ class _NNLS:
         state, members = self, self.rows
         for _ in range(3 * s + 10):
             infeasible = state.step(s)
-            candidate = state._zero_set(s) & ~state.blocked[:, :s]
+            candidate = state._candidates(s)
             violated, i = state._entering(s, bb[members], lam, thr[members], candidate)
             enter = ~infeasible & violated
             busy = infeasible | enter
@@ -456,9 +451,10 @@ class _NNLS:
             self._store(members, state, s)
             self.w_is_z = False
 
-    def _zero_set(self, s: int) -> torch.Tensor:
-        """(B, s): chosen atoms outside P that may enter it (not dropped for the budget)."""
-        return self.live[:, :s] & ~self.passive[:, :s] & ~self.dropped[:, :s]
+    def _candidates(self, s: int) -> torch.Tensor:
+        """(B, s): chosen atoms outside P that may enter it (not blocked, not dropped)."""
+        return (self.live[:, :s] & ~self.passive[:, :s] & ~self.blocked[:, :s]
+                & ~self.dropped[:, :s])
 
     def _subset(self, members: torch.Tensor, s: int) -> _NNLS:
         """A copy of the problems `members` (int64 (m,)), first s slots only."""
