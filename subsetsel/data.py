@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from subsetsel.selection.base import UnknownNameError
+from subsetsel.errors import UnknownNameError
 
 DEFAULT_DATASET = "mnist1d"
 AUGMENTATIONS = (None, "crop", "crop-flip")

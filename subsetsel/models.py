@@ -11,12 +11,13 @@ caller's ``torch.manual_seed`` fixes it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from subsetsel.selection.base import UnknownNameError
+from subsetsel.registry import Registry
 
 TV_PREFIX = "tv-"
 # torchvision classification models that end in an nn.Linear and run on 28x28 / 32x32 inputs.
@@ -215,18 +216,16 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 # Registry
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
-MODELS: dict[str, Builder] = {
-    "mlp": mlp,
-    "cnn1d": cnn1d,
-    "smallcnn": smallcnn,
-    "lenet": lenet,
-    "resnet18": resnet18,
-}
+MODELS: Registry[Builder] = Registry("model")
+for _builder in (mlp, cnn1d, smallcnn, lenet, resnet18):
+    MODELS.add(_builder.__name__, _builder)
+for _tv in TORCHVISION_MODELS:
+    MODELS.add(TV_PREFIX + _tv, functools.partial(torchvision_model, _tv))
 
 
 def model_names() -> list[str]:
-    """Own model names, then the supported torchvision ones as ``tv-<name>``."""
-    return sorted(MODELS) + [TV_PREFIX + n for n in TORCHVISION_MODELS]
+    """Own model names and the supported torchvision ones as ``tv-<name>``, sorted."""
+    return MODELS.names()
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -234,11 +233,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     input_shape = tuple(int(s) for s in input_shape)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    if name in MODELS:
-        return MODELS[name](input_shape, num_classes)
-    if name.startswith(TV_PREFIX) and name[len(TV_PREFIX) :] in TORCHVISION_MODELS:
-        return torchvision_model(name[len(TV_PREFIX) :], input_shape, num_classes)
-    raise UnknownNameError(f"unknown model {name!r}; valid: {', '.join(model_names())}")
+    return MODELS.get(name)(input_shape, num_classes)
 
 
 def default_model(dataset_name: str, input_shape: tuple[int, ...] | None = None) -> str:

@@ -3,19 +3,45 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from subsetsel.selection.base import UnknownNameError
+from subsetsel.registry import Registry
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-SCHEDULES = ("constant", "cosine", "step")
+Params = Iterable[torch.nn.Parameter]
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+SCHEDULES: Registry[Callable[[int], Callable[[int], float]]] = Registry("schedule")
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(params: Params, lr: float, momentum: float, nesterov: bool,
+         weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                           weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(params: Params, lr: float, momentum: float, nesterov: bool,
+          weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(params: Params, lr: float, momentum: float, nesterov: bool,
+           weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("rmsprop")
+def _rmsprop(params: Params, lr: float, momentum: float, nesterov: bool,
+             weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def build_optimizer(
     name: str,
-    params: Iterable[torch.nn.Parameter],
+    params: Params,
     *,
     lr: float,
     momentum: float = 0.9,
@@ -23,20 +49,25 @@ def build_optimizer(
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov), Adam, AdamW or RMSprop; momentum: SGD and RMSprop."""
-    if lr <= 0:
+    if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-            weight_decay=weight_decay,
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise UnknownNameError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS.get(name)(params, lr, momentum, nesterov, weight_decay)
+
+
+@SCHEDULES.register("constant")
+def _constant(epochs: int) -> Callable[[int], float]:
+    return lambda _: 1.0
+
+
+@SCHEDULES.register("cosine")
+def _cosine(epochs: int) -> Callable[[int], float]:
+    return lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / max(epochs, 1)))
+
+
+@SCHEDULES.register("step")
+def _step(epochs: int) -> Callable[[int], float]:
+    milestones = sorted({max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))})
+    return lambda e: 0.1 ** sum(e >= m for m in milestones)
 
 
 def build_schedule(
@@ -47,13 +78,4 @@ def build_schedule(
     constant: lr throughout; cosine: lr * (1 + cos(pi * e / epochs)) / 2;
     step: lr divided by 10 at 50 % and 75 % of the epochs.
     """
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * min(e, epochs) / max(epochs, 1)))
-        )
-    if name == "step":
-        milestones = sorted({max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))})
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    raise UnknownNameError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(name)(epochs))

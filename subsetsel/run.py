@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from subsetsel.train import EpochCallback, TrainConfig, Trainer
+
+if TYPE_CHECKING:
+    from subsetsel.data import Dataset
 
 
 def default_run_name(config: TrainConfig) -> str:
@@ -35,13 +38,17 @@ def run(
     resume: bool = False,
     progress: bool = False,
     callbacks: list[EpochCallback] | None = None,
+    dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Train one run; write its logs under `out_dir` and its selections to
-    `config.save_selections` (if set); return the run summary."""
+    `config.save_selections` (if set); return the run summary.
+
+    dataset: the data `config` names, already loaded (a search reuses it across trials)."""
     from subsetsel.store import SelectionMetadata, SelectionStore
 
     trainer = Trainer(
-        config, out_dir=out_dir, resume=resume, progress=progress, callbacks=callbacks
+        config, dataset=dataset, out_dir=out_dir, resume=resume, progress=progress,
+        callbacks=callbacks,
     )
     if config.save_selections:
         if resume and Path(config.save_selections).exists():

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subsetsel.errors import UnknownNameError
 from subsetsel.online.base import Batch, Policy
 from subsetsel.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 from subsetsel.selection.base import (
     Selection,
     SelectionContext,
     Strategy,
-    UnknownNameError,
     create_strategy,
     round_generator,
     strategy_names,

@@ -19,7 +19,7 @@ from subsetsel.data import (
     dataset_names,
     load_dataset,
 )
-from subsetsel.selection.base import UnknownNameError
+from subsetsel.errors import UnknownNameError
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from subsetsel.errors import UnknownNameError
 from subsetsel.models import (
     TORCHVISION_MODELS,
     build_model,
@@ -13,7 +14,6 @@ from subsetsel.models import (
     last_linear,
     model_names,
 )
-from subsetsel.selection.base import UnknownNameError
 
 
 def _check_logits(name: str, shape: tuple[int, ...], classes: int = 7) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from subsetsel.errors import UnknownNameError
 from subsetsel.selection.base import (
     Selection,
     SelectionContext,
-    UnknownNameError,
     budget,
     create_strategy,
     fixed_partition,

@@ -8,8 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from subsetsel.errors import first_line
-from subsetsel.selection.base import UnknownNameError
+from subsetsel.errors import UnknownNameError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 

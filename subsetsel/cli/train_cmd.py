@@ -150,7 +150,7 @@ def _with_policy_params(options: dict[str, object]) -> dict[str, object]:
         options["policy"] = "echo"
     policy = str(options["policy"])
     if policy in policy_names():
-        _refuse_inapplicable(params, POLICIES[policy], f"--policy {policy}")
+        _refuse_inapplicable(params, POLICIES.get(policy), f"--policy {policy}")
     return {**options, "policy_params": params}
 
 
@@ -169,7 +169,7 @@ def _strategy_params(strategy: str, given: dict[str, object]) -> dict[str, objec
 
     params = {k: v for k, v in given.items() if v is not None}
     if strategy in strategy_names():
-        _refuse_inapplicable(params, STRATEGIES[strategy], f"--strategy {strategy}")
+        _refuse_inapplicable(params, STRATEGIES.get(strategy), f"--strategy {strategy}")
     return params
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from subsetsel.selection.base import UnknownNameError
+from subsetsel.registry import Registry, create_dataclass
 
 if TYPE_CHECKING:
     from subsetsel.train import BatchSource, Trainer
@@ -77,26 +77,24 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-POLICIES: dict[str, type[Policy]] = {"plain": Policy}
+def _load_builtin_policies() -> None:
+    import subsetsel.online  # noqa: F401  (registers the built-in policies)
+
+
+POLICIES: Registry[type[Policy]] = Registry("policy", _load_builtin_policies)
+POLICIES.add("plain", Policy)
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
     """Class decorator: make a policy creatable by its `name`."""
-    POLICIES[cls.name] = cls
+    POLICIES.add(cls.name, cls)
     return cls
 
 
 def policy_names() -> list[str]:
-    import subsetsel.online  # noqa: F401  (registers the built-in policies)
-
-    return sorted(POLICIES)
+    return POLICIES.names()
 
 
 def create_policy(name: str, **params: Any) -> Policy:
     """Build a registered policy; parameters it does not declare are ignored."""
-    names = policy_names()
-    if name not in POLICIES:
-        raise UnknownNameError(f"unknown policy {name!r}; valid: {', '.join(names)}")
-    cls = POLICIES[name]
-    accepted = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
+    return create_dataclass(POLICIES.get(name), params)

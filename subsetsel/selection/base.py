@@ -7,14 +7,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from subsetsel.registry import Registry, create_dataclass
+
 if TYPE_CHECKING:
     from torch import nn
 
     from subsetsel.data import Dataset
-
-
-class UnknownNameError(ValueError):
-    """A registry was asked for a name it does not hold; the message lists the valid names."""
 
 
 @dataclass(frozen=True)
@@ -108,34 +106,26 @@ class Strategy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-STRATEGIES: dict[str, type[Strategy]] = {}
+def _load_builtin_strategies() -> None:
+    import subsetsel.selection  # noqa: F401  (its __init__ imports every strategy module)
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", _load_builtin_strategies)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make a strategy creatable by its `name`."""
-    STRATEGIES[cls.name] = cls
+    STRATEGIES.add(cls.name, cls)
     return cls
 
 
 def strategy_names() -> list[str]:
-    _load_builtin_strategies()
-    return sorted(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def create_strategy(name: str, **params: Any) -> Strategy:
     """Build a registered strategy; parameters it does not declare are ignored."""
-    _load_builtin_strategies()
-    if name not in STRATEGIES:
-        raise UnknownNameError(
-            f"unknown strategy {name!r}; valid: {', '.join(sorted(STRATEGIES))}"
-        )
-    cls = STRATEGIES[name]
-    accepted = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
-
-
-def _load_builtin_strategies() -> None:
-    import subsetsel.selection  # noqa: F401  (its __init__ imports every strategy module)
+    return create_dataclass(STRATEGIES.get(name), params)
 
 
 def fixed_partition(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -148,7 +138,6 @@ __all__ = [
     "Selection",
     "SelectionContext",
     "Strategy",
-    "UnknownNameError",
     "budget",
     "create_strategy",
     "fixed_partition",
