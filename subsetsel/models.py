@@ -11,8 +11,9 @@ caller's ``torch.manual_seed`` fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -270,6 +271,24 @@ def last_linear(model: nn.Module) -> nn.Linear:
     if found is None:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to hook for embeddings")
     return found
+
+
+@contextlib.contextmanager
+def capture_last_input(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Collect the inputs (B, D) of the model's last nn.Linear during forwards in the block."""
+    captured: list[torch.Tensor] = []
+    if not enabled:
+        yield captured
+        return
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        captured.append(inputs[0].detach())
+
+    handle = last_linear(model).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def _image_shape(model: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:

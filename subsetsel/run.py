@@ -1,4 +1,4 @@
-"""Wire a run together: data, model, schedule, selection file and trainer (CLI and Python API)."""
+"""Run helpers shared by the CLI and the Python API: run names, stored configs, one run."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 from subsetsel.train import EpochCallback, TrainConfig, Trainer
 
 if TYPE_CHECKING:
-    from subsetsel.data import Dataset
+    from subsetsel.data.base import TrainData
 
 
 def default_run_name(config: TrainConfig) -> str:
-    """`<strategy>-<dataset>-f<fraction>-s<seed>-<UTC time>`, unique per second."""
+    """`<strategy>-<dataset>-f<fraction>-s<seed>-<UTC time>` (a clash gets a -N suffix when the
+    folder is claimed)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dataset = config.dataset.replace(":", "-").replace("/", "_")
     return f"{config.strategy}-{dataset}-f{config.fraction:g}-s{config.seed}-{stamp}"
@@ -36,42 +37,16 @@ def run(
     out_dir: str | Path | None,
     *,
     resume: bool = False,
+    claimed: bool = False,
     progress: bool = False,
     callbacks: list[EpochCallback] | None = None,
-    dataset: Dataset | None = None,
+    dataset: TrainData | None = None,
 ) -> dict[str, Any]:
-    """Train one run; write its logs under `out_dir` and its selections to
-    `config.save_selections` (if set); return the run summary.
+    """Train one run; write its logs under `out_dir` (claimed for it unless resuming) and its
+    selections to `config.save_selections` (if set); return the run summary.
 
+    claimed: the caller has claimed `out_dir` already (`subsetsel.engine.files.claim`).
     dataset: the data `config` names, already loaded (a search reuses it across trials)."""
-    from subsetsel.store import SelectionMetadata, SelectionStore
-
-    trainer = Trainer(
-        config, dataset=dataset, out_dir=out_dir, resume=resume, progress=progress,
-        callbacks=callbacks,
-    )
-    if config.save_selections:
-        if resume and Path(config.save_selections).exists():
-            store = SelectionStore.open(config.save_selections)
-        else:
-            metadata = SelectionMetadata(
-                dataset=config.dataset,
-                dataset_size=len(trainer.dataset),
-                fingerprint=trainer.dataset.fingerprint(),
-                num_classes=trainer.dataset.num_classes,
-                strategy=config.strategy,
-                strategy_params=trainer.schedule_params(),
-                model=str(config.model),
-                seed=config.seed,
-                epochs=trainer.total_epochs,
-                config=config.to_json(),
-            )
-            store = SelectionStore.create(config.save_selections, metadata)
-        trainer.attach_store(store)
-        try:
-            return trainer.fit()
-        except BaseException:
-            if not store.rounds:  # failed before its first selection: leave no empty file
-                store.path.unlink(missing_ok=True)
-            raise
+    trainer = Trainer(config, dataset=dataset, out_dir=out_dir, resume=resume, claimed=claimed,
+                      progress=progress, callbacks=callbacks)
     return trainer.fit()

@@ -79,22 +79,22 @@ def test_existing_run_directory_is_not_overwritten(in_tmp):
 
 
 def test_resume_finishes_an_interrupted_run(in_tmp, monkeypatch):
-    from subsetsel.train import Trainer
+    from subsetsel.engine.loop import Engine
 
-    original = Trainer._run_epoch
+    original = Engine.run_period
 
-    def crash_at_epoch_1(self, epoch):
-        if epoch == 1:
+    def crash_at_epoch_1(self):
+        if self.period == 1:
             raise KeyboardInterrupt
-        return original(self, epoch)
+        return original(self)
 
-    monkeypatch.setattr(Trainer, "_run_epoch", crash_at_epoch_1)
+    monkeypatch.setattr(Engine, "run_period", crash_at_epoch_1)
     args = ["train", *SMALL, "--strategy", "random", "--select-every", "1", "--out", "runs/r",
             "--save-selections", "r"]
     assert _invoke(args).exit_code != 0
     assert [r["epoch"] for r in read_log(in_tmp / "runs/r")] == [0]
     assert len(SelectionStore.open(in_tmp / "selections/r.h5").rounds) == 1
-    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    monkeypatch.setattr(Engine, "run_period", original)
     result = _invoke(["train", "--resume", "runs/r", "--quiet"])
     assert result.exit_code == 0, result.output
     assert [r["epoch"] for r in read_log(in_tmp / "runs/r")] == [0, 1]

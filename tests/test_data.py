@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from subsetsel import data
 from subsetsel.data import (
     DEFAULT_DATASET,
-    Dataset,
     DatasetNotFoundError,
+    TensorData,
+    builtin,
     dataset_names,
     load_dataset,
 )
+from subsetsel.data import tensor as data
 from subsetsel.errors import UnknownNameError
 
 
@@ -29,11 +30,11 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-def _image_dataset(augmentation: str | None, n: int = 16, side: int = 32) -> Dataset:
+def _image_dataset(augmentation: str | None, n: int = 16, side: int = 32) -> TensorData:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, side, side, generator=g)
     y = torch.arange(n) % 10
-    return Dataset("toy", x, y, x[:4].clone(), y[:4].clone(), 10, augmentation)
+    return TensorData("toy", x, y, x[:4].clone(), y[:4].clone(), 10, augmentation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,6 +47,7 @@ def test_names() -> None:
         "cifar100",
         "digits",
         "fashionmnist",
+        "folder:PATH",
         "mnist",
         "mnist1d",
         "npz:PATH",
@@ -98,13 +100,13 @@ def test_mnist1d_cache_hit_and_corrupt_file(_cache: Path, monkeypatch: pytest.Mo
     def boom(*args: object) -> None:
         raise AssertionError("cache miss")
 
-    real = data._generate_mnist1d
-    monkeypatch.setattr(data, "_generate_mnist1d", boom)
+    real = builtin._generate_mnist1d
+    monkeypatch.setattr(builtin, "_generate_mnist1d", boom)
     hit = load_dataset("mnist1d", train_size=200, test_size=50, seed=0)
     assert torch.equal(a.x_train, hit.x_train)
 
     path.write_bytes(b"not a zip file")
-    monkeypatch.setattr(data, "_generate_mnist1d", real)
+    monkeypatch.setattr(builtin, "_generate_mnist1d", real)
     again = load_dataset("mnist1d", train_size=200, test_size=50, seed=0)
     assert torch.equal(a.x_train, again.x_train) and torch.equal(a.y_train, again.y_train)
     with np.load(path) as f:  # the corrupt file was replaced by a good one
@@ -302,7 +304,7 @@ def test_corrupt_cifar_says_so(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Dataset methods
+# TensorData methods
 
 
 def test_augment_identity_when_none() -> None:
@@ -361,11 +363,11 @@ def test_fingerprint() -> None:
     fp = ds.fingerprint()
     assert len(fp) == 64 and fp == load_dataset("digits", seed=0).fingerprint()
     assert ds.to("cpu").fingerprint() == fp
-    renamed = Dataset("other", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 10, None)
+    renamed = TensorData("other", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 10, None)
     assert renamed.fingerprint() == fp
     y = ds.y_train.clone()
     y[7] = (y[7] + 1) % 10
-    changed = Dataset("digits", ds.x_train, y, ds.x_test, ds.y_test, 10, None)
+    changed = TensorData("digits", ds.x_train, y, ds.x_test, ds.y_test, 10, None)
     assert changed.fingerprint() != fp
     assert load_dataset("digits", seed=1).fingerprint() != fp
 
@@ -377,31 +379,14 @@ def test_to_device_and_properties() -> None:
     assert moved is not ds and torch.equal(moved.x_train, ds.x_train)
 
 
-def test_split_validation_is_stratified_and_disjoint() -> None:
-    ds = load_dataset("digits", seed=0)
-    rest, x_val, y_val = ds.split_validation(0.1, seed=0)
-    assert len(rest) + len(y_val) == len(ds) and x_val.shape[1:] == ds.input_shape
-    per_class = torch.bincount(ds.y_train, minlength=10)
-    assert torch.equal(torch.bincount(y_val, minlength=10), torch.round(per_class * 0.1).long())
-    rows = {tuple(r.tolist()) for r in ds.x_train.flatten(1)}
-    val_rows = {tuple(r.tolist()) for r in x_val.flatten(1)}
-    rest_rows = {tuple(r.tolist()) for r in rest.x_train.flatten(1)}
-    assert val_rows | rest_rows <= rows and len(val_rows & rest_rows) <= 2  # digits has duplicates
-    again = ds.split_validation(0.1, seed=0)
-    assert torch.equal(again[1], x_val)
-    assert not torch.equal(ds.split_validation(0.1, seed=1)[2], y_val)
-    with pytest.raises(ValueError, match="fraction"):
-        ds.split_validation(1.0, seed=0)
-
-
 def test_dataset_validates_its_fields() -> None:
     x, y = torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64)
     with pytest.raises(ValueError, match="augmentation"):
-        Dataset("v", x, y, x, y, 2, "rotate")
+        TensorData("v", x, y, x, y, 2, "rotate")
     with pytest.raises(ValueError, match="images"):
-        Dataset("v", x, y, x, y, 2, "crop")
+        TensorData("v", x, y, x, y, 2, "crop")
     with pytest.raises(ValueError, match="labels"):
-        Dataset("v", x, y[:3], x, y, 2, None)
+        TensorData("v", x, y[:3], x, y, 2, None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -411,5 +396,3 @@ def test_cuda_fingerprint_and_augment() -> None:
     assert gpu.device.type == "cuda" and gpu.fingerprint() == ds.fingerprint()
     out = gpu.augment(gpu.x_train, torch.Generator(device="cuda").manual_seed(0))
     assert out.device.type == "cuda" and out.shape == ds.x_train.shape
-    rest, x_val, _ = gpu.split_validation(0.25, seed=0)
-    assert rest.device.type == "cuda" and x_val.device.type == "cuda"

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subsetsel import memory
 from subsetsel.models import build_model, last_linear
-from subsetsel.selection import gradients
 from subsetsel.selection.gradients import (
     GradientMemoryError,
     LastLayerAtoms,
@@ -111,7 +111,7 @@ def test_factored_atoms_give_the_same_omp_result_as_dense_rows(bias, c, picks):
 def test_memory_check_refuses_with_one_line(monkeypatch):
     assert free_memory(torch.device("cpu")) > 0
     check_memory(1000, torch.device("cpu"), 0.5, "x", "hint")  # fits
-    monkeypatch.setattr(gradients, "free_memory", lambda device: 3 * 2**30)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 3 * 2**30)
     with pytest.raises(GradientMemoryError) as err:
         check_memory(2 * 2**30, torch.device("cpu"), 0.5, "gradmatch on 50000 examples",
                      [("--strategy gradmatchpb", 2**29), ("--per-gradient", 2**31)])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from subsetsel.cli import main
-from subsetsel.stream import OnePassConfig, OnePassTrainer, alpha_at, log_marks
+from subsetsel.onepass.stream import OnePassConfig, OnePassTrainer, alpha_at, log_marks
 from subsetsel.train import BatchSource, TrainConfig, Trainer, read_log
 
 

@@ -193,7 +193,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(in_tmp, small_
         Trainer(config(), dataset=small_mnist1d, out_dir="runs/cut",
                 callbacks=[stop_after_first]).fit()
     resumed = Trainer(config(), dataset=small_mnist1d, out_dir="runs/cut", resume=True)
-    assert resumed.start_epoch == 1
+    assert resumed.engine.period == 1
     resumed.fit()
     keys = ("test_acc", "test_loss", "forwarded", "backpropagated", "fresh", "steps")
     for a, b in zip(read_log("runs/straight"), read_log("runs/cut"), strict=True):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subsetsel.data import Dataset
+from subsetsel.data import TensorData
 from subsetsel.online.base import Batch, create_policy
 from subsetsel.online.importance import (
     ImportanceSampling,
@@ -175,7 +175,7 @@ class ScoreTrainer:
 
 def source_for(x: torch.Tensor, batch_size: int) -> BatchSource:
     n = x.shape[0]
-    data = Dataset("toy", x, torch.zeros(n, dtype=torch.int64), x[:2], torch.zeros(2).long(), 2)
+    data = TensorData("toy", x, torch.zeros(n, dtype=torch.int64), x[:2], torch.zeros(2).long(), 2)
     return BatchSource(data, Selection.full(n), batch_size, torch.Generator().manual_seed(0))
 
 

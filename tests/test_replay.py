@@ -37,17 +37,6 @@ def _fit(config: TrainConfig, out_dir) -> tuple[list[torch.Tensor], list[dict]]:
     recorder = _Recorder()
     trainer = Trainer(config, out_dir=out_dir, callbacks=[recorder])
     recorder.trainer = trainer
-    if config.save_selections:
-        from subsetsel.store import SelectionMetadata
-
-        meta = SelectionMetadata(
-            dataset=config.dataset, dataset_size=len(trainer.dataset),
-            fingerprint=trainer.dataset.fingerprint(), num_classes=trainer.dataset.num_classes,
-            strategy=config.strategy, strategy_params=trainer.schedule_params(),
-            model=str(config.model), seed=config.seed, epochs=trainer.total_epochs,
-            config=config.to_json(),
-        )
-        trainer.attach_store(SelectionStore.create(config.save_selections, meta))
     trainer.fit()
     return recorder.subsets, read_log(out_dir)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from subsetsel.replay_buffer import (
+from subsetsel.onepass.buffer import (
     MIN_PRIORITY,
     ReplayBuffer,
     importance_weights,

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from subsetsel.cli import main
+from subsetsel.onepass.stream import OnePassConfig, run_onepass
 from subsetsel.report import (
     ReportError,
     RunDirError,
@@ -21,7 +22,6 @@ from subsetsel.report import (
     report_to_json,
     row_to_json,
 )
-from subsetsel.stream import OnePassConfig, run_onepass
 from subsetsel.train import TrainConfig, read_log
 
 

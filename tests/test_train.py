@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from subsetsel.online.base import Batch
+from subsetsel.data.base import Batch
+from subsetsel.online.base import StepBatch
 from subsetsel.selection.base import Selection
 from subsetsel.train import TrainConfig, Trainer, plan_epochs, read_log
 
@@ -46,7 +47,7 @@ def test_weighted_loss_is_normalised_per_batch(small_mnist1d):
     reference = Trainer(_config(**plain_sgd), dataset=small_mnist1d)
     x, y = small_mnist1d.x_train[:16], small_mnist1d.y_train[:16]
     w = torch.linspace(0.5, 3.0, 16)
-    trainer.train_on(Batch(torch.arange(16), x, y, w))
+    trainer.engine.step(StepBatch(Batch(torch.arange(16), x, y, w)))
     losses = torch.nn.functional.cross_entropy(reference.model(x), y, reduction="none")
     ((losses * w).sum() / w.sum()).backward()
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_weighted_loss_is_normalised_per_batch(small_mnist1d):
         torch.testing.assert_close(a, b)
     # Scaling all weights by a constant changes nothing.
     scaled = Trainer(_config(**plain_sgd), dataset=small_mnist1d)
-    scaled.train_on(Batch(torch.arange(16), x, y, w * 7.0))
+    scaled.engine.step(StepBatch(Batch(torch.arange(16), x, y, w * 7.0)))
     for a, b in zip(trainer.model.parameters(), scaled.model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
@@ -114,7 +115,7 @@ def test_resume_continues_with_the_same_schedule(small_mnist1d, tmp_path):
         interrupted.fit()
     assert len(read_log(tmp_path / "b")) == 3
     resumed = Trainer(_config(), dataset=small_mnist1d, out_dir=tmp_path / "b", resume=True)
-    assert resumed.start_epoch == 3
+    assert resumed.engine.period == 3
     resumed.fit()
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert [r["epoch"] for r in b] == [0, 1, 2, 3]
@@ -126,9 +127,9 @@ def test_user_schedule_and_model(small_mnist1d):
     """The Python API takes a user's own model and a hand-made schedule."""
 
     class EvenOnly:
-        def selection_for(self, epoch, trainer):
+        def selection_for(self, epoch):
             if epoch == 0:
-                idx = torch.arange(0, len(trainer.dataset), 2)
+                idx = torch.arange(0, len(small_mnist1d), 2)
                 return Selection(idx, torch.ones(idx.numel()), epoch=0)
             return None
 

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from subsetsel.errors import UnknownNameError, first_line
+from subsetsel.errors import DivergenceError, UnknownNameError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -18,16 +18,18 @@ def one_line_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from subsetsel.data import DatasetNotFoundError
+        from subsetsel.data import DataError, DatasetNotFoundError
         from subsetsel.store import IncompatibleSelectionError, SelectionFileError
 
         try:
             return func(*args, **kwargs)
+        except (DataError, DivergenceError) as err:  # bad data or a diverging run: not usage
+            raise click.ClickException(first_line(err)) from None
         except (UnknownNameError, ValueError) as err:
             raise click.UsageError(first_line(err)) from None
         except (DatasetNotFoundError, SelectionFileError, IncompatibleSelectionError) as err:
             raise click.ClickException(first_line(err)) from None
-        except (OSError, MemoryError) as err:
+        except (OSError, MemoryError, OverflowError) as err:
             raise click.ClickException(first_line(err)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -57,11 +57,14 @@ def _labels(store: SelectionStore) -> torch.Tensor:
         seed=config.get("data_seed", config["seed"]),
         train_size=config.get("train_size"),
         test_size=config.get("test_size"),
+        loader="dataloader" if str(config["dataset"]).startswith("folder:") else "tensor",
+        workers=0,
+        labels_only=True,
     )
     store.check_compatible(
         fingerprint=dataset.fingerprint(), dataset_size=len(dataset), dataset=config["dataset"]
     )
-    return dataset.y_train
+    return dataset.labels()
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
-from subsetsel.cli.options import data_options, optimization_options, threads_option
-from subsetsel.replay_buffer import INSERTIONS
-from subsetsel.stream import ALPHA_DECAYS, PRIORITIES, OnePassConfig
+from subsetsel.cli.options import FLOAT, data_options, optimization_options, threads_option
+from subsetsel.onepass.buffer import INSERTIONS
+from subsetsel.onepass.stream import ALPHA_DECAYS, PRIORITIES, OnePassConfig
 
 _DEFAULTS = OnePassConfig()
 
@@ -31,7 +31,7 @@ def default_run_name(config: OnePassConfig) -> str:
 
 @click.command("onepass")
 @data_options
-@click.option("--storage", type=float, default=_DEFAULTS.storage, show_default=True,
+@click.option("--storage", type=FLOAT, default=_DEFAULTS.storage, show_default=True,
               help="Replay buffer size as a share of the training set, in (0, 1].")
 @click.option("--insertion", type=click.Choice(INSERTIONS), default=_DEFAULTS.insertion,
               show_default=True, help="Which examples the full buffer keeps.")
@@ -39,7 +39,7 @@ def default_run_name(config: OnePassConfig) -> str:
               help="k: replay steps after each incoming batch (0: naive one pass, no buffer).")
 @click.option("--priority", type=click.Choice(PRIORITIES), default=_DEFAULTS.priority,
               show_default=True, help="Replay sampling: uniform, or P = 1 - alpha*exp(-loss).")
-@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True,
+@click.option("--alpha", type=FLOAT, default=_DEFAULTS.alpha, show_default=True,
               help="Alpha of the error priority, in [0, 1].")
 @click.option("--alpha-decay", type=click.Choice(ALPHA_DECAYS), default=_DEFAULTS.alpha_decay,
               show_default=True, help="Schedule of alpha over the run's optimizer steps.")
@@ -48,7 +48,7 @@ def default_run_name(config: OnePassConfig) -> str:
               help="Weight prioritised replay losses by 1/(M q) (unbiased for the uniform loss).")
 @click.option("--reference-epochs", type=int, default=_DEFAULTS.reference_epochs,
               show_default=True, help="E of the reference run: compute % = backprops / (E N).")
-@click.option("--log-every", type=float, default=_DEFAULTS.log_every, show_default=True,
+@click.option("--log-every", type=FLOAT, default=_DEFAULTS.log_every, show_default=True,
               help="Evaluate and log every this share of the stream.")
 @optimization_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -59,14 +59,14 @@ def default_run_name(config: OnePassConfig) -> str:
 @one_line_errors
 def onepass(out_dir: str | None, quiet: bool, as_json: bool, **options: object) -> None:
     """Train in one pass over the data with a bounded (prioritised) replay buffer."""
-    from subsetsel.stream import run_onepass
+    from subsetsel.engine.files import claim
+    from subsetsel.onepass.stream import run_onepass
 
     config = OnePassConfig(**options)  # type: ignore[arg-type]
     config.validate()
-    out = Path(out_dir) if out_dir else Path("runs") / default_run_name(config)
-    if (out / "log.jsonl").exists():
-        raise click.UsageError(f"{out} already holds a run; choose another --out")
-    summary = run_onepass(config, out, progress=not quiet)
+    out = claim(Path(out_dir)) if out_dir else claim(Path("runs") / default_run_name(config),
+                                                     unique=True)
+    summary = run_onepass(config, out, claimed=True, progress=not quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

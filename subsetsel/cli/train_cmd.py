@@ -1,4 +1,4 @@
-"""`subsetsel train`: train on a schedule of weighted subsets and save the selections."""
+"""`subsetsel train` and `select`: train on a schedule of weighted subsets, save selections."""
 
 from __future__ import annotations
 
@@ -8,57 +8,38 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
-from subsetsel.cli.options import data_options, optimization_options, threads_option
+from subsetsel.cli.options import FLOAT, data_options, optimization_options, threads_option
+from subsetsel.cli.params import options_for, refuse_inapplicable, take
+from subsetsel.online.base import POLICIES
+from subsetsel.selection.base import STRATEGIES
 from subsetsel.train import TrainConfig
 
 _DEFAULTS = TrainConfig()
+STRATEGY_FIELDS, strategy_options = options_for(STRATEGIES, "strategy")
+POLICY_FIELDS, policy_options = options_for(POLICIES, "policy")
 
 
 @click.command("train")
 @data_options
 @click.option("--strategy", default=_DEFAULTS.strategy, show_default=True,
               help="Selection strategy (see `subsetsel list`).")
-@click.option("--fraction", type=float, default=_DEFAULTS.fraction, show_default=True,
+@click.option("--fraction", type=FLOAT, default=_DEFAULTS.fraction, show_default=True,
               help="Subset size as a share of the training set, in (0, 1].")
-@click.option("--select-every", type=int, default=_DEFAULTS.select_every, show_default=True,
-              help="Re-select every R epochs.")
-@click.option("--warm-start", type=float, default=_DEFAULTS.warm_start, show_default=True,
+@click.option("--select-every", type=click.IntRange(min=1), default=_DEFAULTS.select_every,
+              show_default=True, help="Re-select every R epochs.")
+@click.option("--warm-start", type=FLOAT, default=_DEFAULTS.warm_start, show_default=True,
               help="Kappa: ceil(kappa*epochs*fraction) full-data epochs first, compute matched.")
-@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=_DEFAULTS.epochs,
+              show_default=True)
 @optimization_options
 @click.option("--policy", default=_DEFAULTS.policy, show_default=True,
               help="Per-batch policy (see `subsetsel list`; docs/online.md).")
-@click.option("--beta", type=float, help="sb, stale-sb: P(select) = percentile^beta [3].")
-@click.option("--history", type=int, help="sb, stale-sb: recent losses kept [1024].")
-@click.option("--floor", type=float, help="sb, stale-sb: minimum selection probability [0].")
-@click.option("--staleness", type=int, help="stale-sb [2], sb [1]: epochs a loss is reused.")
-@click.option("--keep", type=float, help="sb-keep [0.5], random-keep [0.25]: share backpropagated.")
-@click.option("--keep-start", type=float, help="sb-keep [0.5], random-keep [0]: active from.")
-@click.option("--keep-end", type=float, help="sb-keep [0.9], random-keep [1]: active until.")
-@click.option("--interrupt", type=int, help="sb-keep [2], random-keep [0]: every n-th normal.")
-@click.option("--keep-scale", type=float, help="sb-keep: image scale of the selection forward.")
-@click.option("--accumulate/--no-accumulate", default=None,
-              help="random-keep: gather kept examples into full batches [accumulate].")
-@click.option("--presample", type=float, help="is, is-uniform: presample B = presample*b [3].")
-@click.option("--score", type=click.Choice(["gnorm", "loss", "gradnorm"]),
-              help="is: importance score [gnorm].")
-@click.option("--tau-th", type=float, help="is: switch threshold [(B+3b)/(3b)]; 0 always on.")
-@click.option("--echo", type=float, help="echo: factor >= 1, fractional allowed [2].")
-@click.option("--echo-mode",
-              type=click.Choice(["example-before-aug", "example-after-aug", "batch"]),
-              help="echo: where to echo [example-before-aug].")
-@click.option("--shuffle-buffer", type=int, help="echo: shuffle buffer examples [8*batch].")
-@click.option("--lam", type=float, help="gradmatch [0.5], gradmatchpb [0]: OMP ridge weight.")
-@click.option("--eps", type=float, help="gradmatch*: OMP relative residual tolerance [1e-6].")
-@click.option("--valid", is_flag=True, default=None,
-              help="gradmatch*: match the gradient of a held-out validation split.")
-@click.option("--per-gradient", is_flag=True, default=None,
-              help="gradmatch: match only each class's own slice of the gradient.")
-@click.option("--picks-per-step", type=click.IntRange(min=1),
-              help="gradmatch*: atoms added per OMP step [ceil(budget/32)]; 1: one at a time.")
-@click.option("--eval-every", type=int, default=_DEFAULTS.eval_every, show_default=True,
+@strategy_options
+@policy_options
+@click.option("--eval-every", type=click.IntRange(min=0), default=_DEFAULTS.eval_every,
+              show_default=True,
               help="Epochs between test evaluations (0: after the last epoch only).")
-@click.option("--slow-input", type=float, default=_DEFAULTS.slow_input, show_default=True,
+@click.option("--slow-input", type=FLOAT, default=_DEFAULTS.slow_input, show_default=True,
               help="Simulated input cost, seconds per batch of fresh examples read.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Run directory for log.jsonl, checkpoint and summary (default runs/NAME).")
@@ -71,6 +52,8 @@ _DEFAULTS = TrainConfig()
               help="Replay the rounds of this selection file instead of selecting "
                    "(Cached-Grad-Match); rounds map to epochs by relative progress; --epochs "
                    "defaults to the file's.")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Replay a selection file whose run stopped early, over the epochs it covers.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @threads_option
@@ -80,20 +63,17 @@ def train(
     as_json: bool, **options: object,
 ) -> None:
     """Train a model on weighted subsets chosen by a selection strategy."""
+    from subsetsel.engine.files import claim
     from subsetsel.run import default_run_name, load_run_config, run
     from subsetsel.store import find_existing, resolve_path
 
-    selecting = click.get_current_context().command.name == "select"
-
+    ctx = click.get_current_context()
+    selecting = ctx.command.name == "select"
     if resume_dir is not None:
         config = load_run_config(resume_dir)
         out = Path(resume_dir)
     else:
-        options = _with_policy_params(options)
-        grad = {k: options.pop(k) for k in ("lam", "eps", "valid", "per_gradient",
-                                            "picks_per_step")}
-        options["strategy_params"] = _strategy_params(str(options["strategy"]), grad)
-        config = TrainConfig(**options)  # type: ignore[arg-type]
+        config = _config(options, ctx)
         config.validate()
         if selecting:
             if config.strategy == "full" or config.replay is not None:
@@ -101,28 +81,27 @@ def train(
             config.eval_every = 0
         if config.replay is not None:
             config.replay = str(find_existing(config.replay))
-            ctx = click.get_current_context()
             if ctx.get_parameter_source("epochs") is click.core.ParameterSource.DEFAULT:
                 from subsetsel.store import SelectionStore
 
                 config.epochs = SelectionStore.open(config.replay).metadata.epochs
         name = default_run_name(config)
-        out = Path(out_dir) if out_dir else Path("runs") / name
-        if (out / "log.jsonl").exists():
-            raise click.UsageError(
-                f"{out} already holds a run; use --resume {out} to continue it or another --out"
-            )
+        out = claim(Path(out_dir), unique=False) if out_dir else claim(Path("runs") / name,
+                                                                        unique=True)
         if save_selections:
             config.save_selections = str(resolve_path(save_selections))
         elif config.strategy != "full" and config.replay is None:
-            config.save_selections = str(resolve_path(name))
-    summary = run(config, out, resume=resume_dir is not None, progress=not quiet)
+            config.save_selections = str(resolve_path(out.name))
+    summary = run(config, out, resume=resume_dir is not None, claimed=resume_dir is None,
+                  progress=not quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
+    final, best = summary["final_acc"], summary["best_acc"]
+    accuracy = "no test split" if final is None else (
+        f"final test accuracy {final:.4f} (best {best:.4f})")
     click.echo(
-        f"final test accuracy {summary['final_acc']:.4f} (best {summary['best_acc']:.4f}) | "
-        f"{summary['epochs']} epochs | {summary['elapsed_seconds']:.1f} s "
+        f"{accuracy} | {summary['epochs']} epochs | {summary['elapsed_seconds']:.1f} s "
         f"(selection {summary['select_seconds']:.1f} s)"
     )
     click.echo(f"log: {out / 'log.jsonl'}")
@@ -130,28 +109,29 @@ def train(
         click.echo(f"selections: {config.save_selections}")
 
 
-_POLICY_OPTIONS = (
-    "beta", "history", "floor", "staleness", "keep", "keep_start", "keep_end", "interrupt",
-    "keep_scale", "accumulate", "presample", "score", "tau_th", "echo", "echo_mode",
-    "shuffle_buffer",
-)
-
-
-def _with_policy_params(options: dict[str, object]) -> dict[str, object]:
-    """Move the given per-policy options into `policy_params` (`--echo` alone selects the echo
-    policy); an option the chosen policy does not take is a usage error."""
-
-    from subsetsel.online.base import POLICIES, policy_names
-
+def _config(options: dict[str, object], ctx: click.Context) -> TrainConfig:
+    """The TrainConfig of the given options; strategy and policy options that do not apply to
+    the chosen strategy / policy (or to a replay) are usage errors."""
     options = dict(options)
-    params = {k: options.pop(k) for k in _POLICY_OPTIONS}
-    params = {k: v for k, v in params.items() if v is not None}
-    if "echo" in params and options["policy"] == "plain":
-        options["policy"] = "echo"
-    policy = str(options["policy"])
-    if policy in policy_names():
-        _refuse_inapplicable(params, POLICIES.get(policy), f"--policy {policy}")
-    return {**options, "policy_params": params}
+    strategy_params = take(options, STRATEGY_FIELDS)
+    policy_params = take(options, POLICY_FIELDS)
+    if "echo" in policy_params and options["policy"] == "plain":
+        options["policy"] = "echo"  # --echo alone selects data echoing
+    if options.get("replay") is not None:
+        explicit = [f"--{name.replace('_', '-')}"
+                    for name in ("strategy", "fraction", "select_every", "warm_start")
+                    if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        explicit += [f"--{k.replace('_', '-')}" for k in strategy_params]
+        if explicit:
+            raise click.UsageError(f"{explicit[0]} does not apply to --replay (the file's "
+                                   "rounds are replayed as stored)")
+    strategy, policy = str(options["strategy"]), str(options["policy"])
+    if strategy in STRATEGIES:
+        refuse_inapplicable(strategy_params, STRATEGIES.get(strategy), f"--strategy {strategy}")
+    if policy in POLICIES:
+        refuse_inapplicable(policy_params, POLICIES.get(policy), f"--policy {policy}")
+    return TrainConfig(**options, strategy_params=strategy_params,  # type: ignore[arg-type]
+                       policy_params=policy_params)
 
 
 select = click.Command(
@@ -161,23 +141,3 @@ select = click.Command(
     help="Run a selecting strategy and save its selection schedule, without the per-epoch test "
     "evaluation (one evaluation at the end). Same options as `train`.",
 )
-
-
-def _strategy_params(strategy: str, given: dict[str, object]) -> dict[str, object]:
-    """The strategy options given; one the strategy does not take is a usage error."""
-    from subsetsel.selection.base import STRATEGIES, strategy_names
-
-    params = {k: v for k, v in given.items() if v is not None}
-    if strategy in strategy_names():
-        _refuse_inapplicable(params, STRATEGIES.get(strategy), f"--strategy {strategy}")
-    return params
-
-
-def _refuse_inapplicable(params: dict[str, object], cls: type, chosen: str) -> None:
-    """A usage error for an option that is not a field of the chosen strategy/policy class."""
-    from dataclasses import fields
-
-    taken = {f.name for f in fields(cls)}
-    for key in params:
-        if key not in taken:
-            raise click.UsageError(f"--{key.replace('_', '-')} does not apply to {chosen}")

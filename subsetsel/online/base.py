@@ -1,69 +1,118 @@
-"""Per-batch training policies: the hook through which online selection enters the trainer.
+"""Per-batch training policies: transforms of the batch stream between the reader and the step.
 
-A policy sees every mini-batch the trainer draws from the current subset and decides what is
-trained on. The default `Plain` policy trains on each batch as it comes. Online methods
-(Selective-Backprop, importance sampling, data echoing) subclass `Policy` in their own module and
-register a name, exactly like selection strategies.
+A policy turns an epoch's reader into a plan: the number of optimizer steps it will take
+(known before the epoch starts, so that every rank of a distributed run steps alike) and the
+stream of step batches (which examples are backpropagated, with what weights). It never calls
+into the trainer: what it may use is in `PolicyContext` (a scorer for no-grad forwards, the
+epoch and sizes), and after every step the engine hands it the step's per-example losses
+(`observe`). The default `Policy` trains on each batch as it comes. Online methods
+(Selective-Backprop, importance sampling, data echoing, replay) subclass it in their own module
+and register a name, exactly like selection strategies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from subsetsel.data.base import Batch, EpochReader
 from subsetsel.registry import Registry, create_dataclass
-
-if TYPE_CHECKING:
-    from subsetsel.train import BatchSource, Trainer
+from subsetsel.selection.base import round_generator
 
 
 @dataclass
-class Batch:
-    """A mini-batch on the training device.
+class Scored:
+    """A no-grad eval-mode forward: logits (B, C) float32, per-example cross-entropy losses (B,),
+    and the last linear layer's inputs (B, D) when asked for."""
 
-    indices: int64 (B,) positions in the training set; x: inputs (B, *input_shape), augmented;
-    y: int64 (B,) labels; w: float32 (B,) selection weights.
+    logits: torch.Tensor
+    losses: torch.Tensor
+    embeddings: torch.Tensor | None = None
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's batch. mean_loss: the step's loss is mean(w * l) (an unbiased
+    estimate, importance sampling and prioritised replay) instead of sum(w * l) / sum(w).
+    tag: the policy's own note about the batch, handed back in `observe`."""
+
+    batch: Batch
+    mean_loss: bool = False
+    tag: Any = None
+
+
+@dataclass
+class StepOut:
+    """What the engine tells a policy after a step: the per-example losses (B,) and logits
+    (B, C) of the training forward (before the update, detached), and the last linear layer's
+    inputs when the policy wants them."""
+
+    losses: torch.Tensor
+    logits: torch.Tensor
+    embeddings: torch.Tensor | None = None
+
+
+class EpochPlan:
+    """`steps` step batches, known before the first one is drawn."""
+
+    def __init__(self, steps: int, batches: Iterator[StepBatch]) -> None:
+        self.steps = steps
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        return self.batches
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may look at.
+
+    epoch, epochs: this period and their number (epochs of a run; log periods of one pass).
+    batch_size: the run's mini-batch size; dataset_size: training examples N.
+    score(x, y, embeddings=False): a counted no-grad eval-mode forward (`Scored`).
+    image_inputs: whether inputs are (C, H, W) images.
     """
 
-    indices: torch.Tensor
-    x: torch.Tensor
-    y: torch.Tensor
-    w: torch.Tensor
+    epoch: int
+    epochs: int
+    seed: int
+    batch_size: int
+    dataset_size: int
+    device: torch.device
+    score: Callable[..., Scored]
+    image_inputs: bool = False
 
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
+    def generator(self, salt: int) -> torch.Generator:
+        """A generator on the device seeded by (seed, epoch, salt): resumes draw the same."""
+        base = round_generator(self.seed, self.epoch, salt)
+        seed = int(torch.randint(2**62, (1,), generator=base))
+        return torch.Generator(device=self.device).manual_seed(seed)
 
-    def take(self, rows: torch.Tensor) -> Batch:
-        """The sub-batch at positions `rows` (int64 or bool tensor on the batch's device)."""
-        return Batch(self.indices[rows], self.x[rows], self.y[rows], self.w[rows])
-
-    @staticmethod
-    def cat(batches: list[Batch]) -> Batch:
-        return Batch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)))
+    def cpu_generator(self, salt: int) -> torch.Generator:
+        return round_generator(self.seed, self.epoch, salt)
 
 
 @dataclass
 class Policy:
-    """Base policy: subclasses are dataclasses whose fields are their parameters."""
+    """Base policy (also "plain"): one step per batch of the run's batch size. Subclasses are
+    dataclasses whose fields are their parameters (CLI options, provenance)."""
 
     name: ClassVar[str] = "plain"
+    wants_embeddings: ClassVar[bool] = False
 
-    def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
-        """Called before the first batch of each epoch."""
+    def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
+        """The epoch's steps over `reader`."""
+        size = ctx.batch_size
+        return EpochPlan(reader.num_batches(size), (StepBatch(b) for b in reader.batches(size)))
 
-    def batches(self, source: BatchSource) -> Iterator[Batch]:
-        """The epoch's stream of batches (data echoing replaces this)."""
-        return iter(source)
+    def observe(self, step: StepBatch, out: StepOut) -> None:
+        """Called after each step with its losses."""
 
-    def step(self, trainer: Trainer, batch: Batch) -> None:
-        """Train on one incoming batch (online selection replaces this)."""
-        trainer.train_on(batch)
-
-    def end_epoch(self, trainer: Trainer) -> dict[str, Any]:
-        """Flush anything pending; return extra fields for the epoch's log line."""
+    def end_epoch(self) -> dict[str, Any]:
+        """Extra fields for the epoch's log line."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -73,8 +122,17 @@ class Policy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`."""
 
+    def check(self, ctx: PolicyContext) -> None:
+        """Refuse (ValueError) settings that cannot work with this data, before training."""
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def split(batch: Batch, size: int) -> Iterator[Batch]:
+    """Consecutive sub-batches of at most `size` rows."""
+    for start in range(0, len(batch), size):
+        yield batch.take(slice(start, start + size))
 
 
 def _load_builtin_policies() -> None:

@@ -1,10 +1,11 @@
 """Baselines that decide whether an online method helps.
 
 "random-keep"  Selective-Backprop's control: a uniformly random int(keep * B) examples of each
-               batch (at least 1), no selection forward. `accumulate=True` (default) gathers them
-               into full backward batches like "sb"; `accumulate=False` trains on each kept
-               sub-batch like "sb-keep". The same keep_start/keep_end/interrupt schedule as
-               "sb-keep" and the same plain warm-up epochs as "sb" apply.
+               batch (at least 1), no selection forward. `accumulate=True` (default) draws
+               candidate batches of round(b / keep) like "sb" (so about b are backpropagated per
+               step); `accumulate=False` keeps a share of each batch of b like "sb-keep". The
+               same keep_start/keep_end/interrupt schedule as "sb-keep" and the same plain
+               warm-up epochs as "sb" apply; inactive candidate batches train in steps of b.
 "is-uniform"   Importance sampling's control: the same presample read and resampling of b
                rows with replacement, but with uniform p (weights 1) and hence no scoring
                forward and no τ switch.
@@ -15,22 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from subsetsel.online.base import Batch, Policy, register_policy
-from subsetsel.online.importance import ImportanceSampling, TauSwitch
-from subsetsel.online.selective_backprop import (
-    BackwardAccumulator,
-    ProgressClock,
-    check_keep_params,
-    keep_active,
-    policy_generator,
+from subsetsel.data.base import Batch, EpochReader
+from subsetsel.online.base import (
+    EpochPlan,
+    Policy,
+    PolicyContext,
+    StepBatch,
+    register_policy,
+    split,
 )
-
-if TYPE_CHECKING:
-    from subsetsel.train import BatchSource, Trainer
+from subsetsel.online.importance import ImportanceSampling, TauSwitch
+from subsetsel.online.selective_backprop import candidate_size, check_keep_params, keep_active
 
 
 def random_rows(n: int, keep: float, generator: torch.Generator | None = None,
@@ -57,37 +57,31 @@ class RandomKeep(Policy):
         check_keep_params(self.keep, self.keep_start, self.keep_end, self.interrupt)
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        self._clock = ProgressClock()
-        self._epoch = 0
 
-    def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
-        self._epoch = epoch
-        self._clock.begin_epoch(epoch, trainer.total_epochs)
-        self._generator = policy_generator(trainer, epoch, salt=59)
-        self._accumulator = BackwardAccumulator(trainer.config.batch_size)
+    def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
+        b = ctx.batch_size
+        if ctx.epoch < self.warmup_epochs:
+            return super().plan(reader, ctx)
+        size = candidate_size(b, self.keep) if self.accumulate else b
+        count = reader.num_batches(size)
+        lengths = [min(size, len(reader) - i * size) for i in range(count)]
+        active = [self._active(ctx, i, count) for i in range(count)]
+        steps = sum(1 if on else -(-n // b) for n, on in zip(lengths, active, strict=True))
+        return EpochPlan(steps, self._steps(reader.batches(size), active, ctx))
 
-    def batches(self, source: BatchSource) -> Iterator[Batch]:
-        self._clock.begin_pass(len(source))
-        return iter(source)
+    def _active(self, ctx: PolicyContext, index: int, count: int) -> bool:
+        progress = (ctx.epoch + index / count) / max(1, ctx.epochs)
+        return keep_active(progress, index, self.keep_start, self.keep_end, self.interrupt)
 
-    def step(self, trainer: Trainer, batch: Batch) -> None:
-        progress, index = self._clock.tick()
-        active = keep_active(progress, index, self.keep_start, self.keep_end, self.interrupt)
-        if self._epoch < self.warmup_epochs or not active:
-            trainer.train_on(batch)
-            return
-        kept = batch.take(random_rows(len(batch), self.keep, self._generator, batch.x.device))
-        if not self.accumulate:
-            trainer.train_on(kept)
-            return
-        for full in self._accumulator.add(kept):
-            trainer.train_on(full)
-
-    def end_epoch(self, trainer: Trainer) -> dict[str, Any]:
-        rest = self._accumulator.flush()
-        if rest is not None:
-            trainer.train_on(rest)
-        return {}
+    def _steps(self, batches: Iterator[Batch], active: list[bool], ctx: PolicyContext
+               ) -> Iterator[StepBatch]:
+        generator = ctx.generator(salt=59)
+        for batch, on in zip(batches, active, strict=True):
+            if not on:
+                yield from (StepBatch(part) for part in split(batch, ctx.batch_size))
+                continue
+            rows = random_rows(len(batch), self.keep, generator, batch.indices.device)
+            yield StepBatch(batch.take(rows))
 
 
 @register_policy
@@ -97,20 +91,14 @@ class UniformResample(ImportanceSampling):
 
     name: ClassVar[str] = "is-uniform"
 
-    def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
-        super().begin_epoch(trainer, epoch)
+    def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
         self.switch = TauSwitch(0.0, self.tau_momentum, 1.0)
+        return super().plan(reader, ctx)
 
     def use_presample(self) -> bool:
         return True
 
-    def step(self, trainer: Trainer, batch: Batch) -> None:
-        self._counts[1] += 1
-        if len(batch) <= self._own:
-            trainer.train_on(batch)
-            return
-        self._counts[0] += 1
-        rows = torch.randint(len(batch), (self._own,), generator=self._generator,
-                             device=self._generator.device)
-        chosen = batch.take(rows.to(batch.x.device))
-        trainer.train_on(chosen)
+    def _resampled(self, batch: Batch, own: int, generator: torch.Generator,
+                   ctx: PolicyContext) -> StepBatch:
+        rows = torch.randint(len(batch), (own,), generator=generator, device=generator.device)
+        return StepBatch(batch.take(rows.to(batch.indices.device)))

@@ -11,9 +11,10 @@ copy gets its own augmentation); "example-after-aug" augments each read batch, t
 examples (identical copies), shuffles and batches; "batch" augments each read batch and yields
 it k times in a row (k drawn per batch), without a shuffle buffer.
 
-Policy "echo": an epoch is one pass of fresh reads over the current subset, so an echoed epoch
-takes about e times the optimizer steps of a plain one (the LR schedule still advances per
-epoch). Reads run `prefetch` batches ahead in a background thread, so a simulated slow input
+Policy "echo": an epoch is one pass of fresh reads over the current subset, so an echoed epoch takes
+about e times the optimizer steps of a plain one (the LR schedule still advances per epoch). The
+repeat counts of the whole epoch are fixed by its seed, so its number of steps is known before it
+starts. Reads run `prefetch` batches ahead in a background thread, so a simulated slow input
 (`--slow-input`, a sleep per batch read) overlaps with training as in a real pipeline; compare
 against `--policy echo --echo 1` (the same reader, no repeats).
 """
@@ -24,16 +25,13 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from subsetsel.online.base import Batch, Policy, register_policy
-from subsetsel.selection.base import round_generator
-
-if TYPE_CHECKING:
-    from subsetsel.train import BatchSource, Trainer
+from subsetsel.data.base import Batch, EpochReader
+from subsetsel.online.base import EpochPlan, Policy, PolicyContext, StepBatch, register_policy
 
 ECHO_MODES = ("example-before-aug", "example-after-aug", "batch")
 T = TypeVar("T")
@@ -181,7 +179,7 @@ class Echo(Policy):
 
     name: ClassVar[str] = "echo"
     echo: float = 2.0
-    echo_mode: str = "example-before-aug"
+    echo_mode: str = field(default="example-before-aug", metadata={"choices": ECHO_MODES})
     shuffle_buffer: int = 0
     prefetch: int = 2
 
@@ -196,27 +194,49 @@ class Echo(Policy):
             raise ValueError(f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
-        self._epoch = 0
-        self._source: BatchSource | None = None
+        self._yielded = 0
+        self._reader: EpochReader | None = None
 
-    def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
-        self._epoch = epoch
-        self._seed = trainer.config.seed
-
-    def batches(self, source: BatchSource) -> Iterator[Batch]:
-        self._source = source
-        capacity = self.shuffle_buffer or 8 * source.batch_size
-        return echo_stream(
-            prefetch(source.raw_batches(), self.prefetch),
+    def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
+        b = ctx.batch_size
+        self._reader, self._yielded = reader, 0
+        count_generator = ctx.cpu_generator(salt=61)
+        steps = planned_steps(self.echo, self.echo_mode, len(reader), b,
+                              _clone(count_generator))
+        stream = echo_stream(
+            prefetch(reader.raw_batches(b), self.prefetch),
             self.echo,
             self.echo_mode,
-            source.batch_size,
-            capacity,
-            count_generator=round_generator(self._seed, self._epoch, salt=61),
-            shuffle_generator=round_generator(self._seed, self._epoch, salt=67),
-            augment=source.augment,
+            b,
+            self.shuffle_buffer or 8 * b,
+            count_generator=count_generator,
+            shuffle_generator=ctx.cpu_generator(salt=67),
+            augment=reader.augment,
         )
+        return EpochPlan(steps, self._counted(stream))
 
-    def end_epoch(self, trainer: Trainer) -> dict[str, Any]:
-        fresh = self._source.fresh if self._source is not None else 0
-        return {"echoed_per_fresh": trainer.epoch_counts.forwarded / max(1, fresh)}
+    def _counted(self, stream: Iterator[Batch]) -> Iterator[StepBatch]:
+        for batch in stream:
+            self._yielded += len(batch)
+            yield StepBatch(batch)
+
+    def end_epoch(self) -> dict[str, Any]:
+        fresh = self._reader.fresh if self._reader is not None else 0
+        return {"echoed_per_fresh": self._yielded / max(1, fresh)}
+
+
+def planned_steps(factor: float, mode: str, n: int, batch_size: int,
+                  count_generator: torch.Generator) -> int:
+    """Optimizer steps `echo_stream` yields for n examples read in batches of `batch_size`,
+    drawing the repeat counts from (a copy of) the generator it will use."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if mode == "batch":
+        return sum(int(echo_counts(factor, 1, count_generator)[0]) for _ in sizes)
+    total = sum(int(echo_counts(factor, size, count_generator).sum()) for size in sizes)
+    return -(-total // batch_size)
+
+
+def _clone(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy

@@ -11,8 +11,8 @@ Pure cores (usable from any training loop):
   `tau_threshold(B, b, backward_cost)`      (B + (1 + c) b) / ((1 + c) b); c = 2 gives (B+3b)/(3b)
   `TauSwitch`                               EMA of τ (momentum 0.9), on while it exceeds τ_th
 
-Policy "is" (trainer shell). Each step belongs to one batch of b examples of the shuffled pass
-over the subset (so an epoch has the same number of steps as plain training):
+Policy "is" (a batch-stream transform). Each step belongs to one batch of b examples of the shuffled
+pass over the subset (so an epoch has the same number of steps as plain training):
   on:  read a presample of B = round(presample * b) examples (the step's own b plus B - b drawn
        uniformly without replacement from the rest of the subset), score them in one no-grad
        eval-mode forward, resample b with replacement with p ∝ score, and take one step on
@@ -27,20 +27,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from subsetsel.online.base import Batch, Policy, register_policy
-from subsetsel.online.selective_backprop import policy_generator
-from subsetsel.selection.base import round_generator
-
-if TYPE_CHECKING:
-    from subsetsel.train import BatchSource, Trainer
+from subsetsel.data.base import Batch, EpochReader
+from subsetsel.models import capture_last_input  # noqa: F401  (a pure core for your own loop)
+from subsetsel.online.base import (
+    EpochPlan,
+    Policy,
+    PolicyContext,
+    StepBatch,
+    StepOut,
+    register_policy,
+)
 
 SCORES = ("gnorm", "loss", "gradnorm")
 
@@ -134,25 +136,6 @@ class TauSwitch:
         self.tau = tau if self.tau is None else self.momentum * self.tau + (1 - self.momentum) * tau
 
 
-@contextmanager
-def capture_last_input(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
-    """Collect the inputs (B, D) of the model's last nn.Linear during forwards in the block."""
-    captured: list[torch.Tensor] = []
-    if not enabled:
-        yield captured
-        return
-    from subsetsel.models import last_linear
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        captured.append(inputs[0].detach())
-
-    handle = last_linear(model).register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
 def presample_positions(
     start: int, stop: int, n: int, size: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -179,7 +162,7 @@ class ImportanceSampling(Policy):
 
     name: ClassVar[str] = "is"
     presample: float = 3.0
-    score: str = "gnorm"
+    score: str = field(default="gnorm", metadata={"choices": SCORES})
     tau_th: float | None = None
     tau_momentum: float = 0.9
 
@@ -193,62 +176,73 @@ class ImportanceSampling(Policy):
         if not 0.0 <= self.tau_momentum < 1.0:
             raise ValueError(f"tau_momentum must be in [0, 1), got {self.tau_momentum}")
         self.switch: TauSwitch | None = None
-        self._own = 0
         self._counts = [0, 0]  # steps on, steps
 
     def presample_size(self, batch_size: int) -> int:
         return max(batch_size + 1, round(self.presample * batch_size))
 
-    def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
-        b = trainer.config.batch_size
+    def use_presample(self) -> bool:
+        """Whether the next step reads and scores a presample (the switch is on)."""
+        return self.switch is not None and (self.switch.on or self.switch.threshold == 0)
+
+    @property
+    def wants_embeddings(self) -> bool:  # type: ignore[override]
+        return self.score == "gradnorm"
+
+    def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
+        b = ctx.batch_size
         if self.switch is None:
             threshold = self.tau_th
             if threshold is None:
                 threshold = tau_threshold(self.presample_size(b), b)
             self.switch = TauSwitch(threshold, self.tau_momentum)
-        self._generator = policy_generator(trainer, epoch, salt=47)
-        self._order_generator = round_generator(trainer.config.seed, epoch, salt=53)
         self._counts = [0, 0]
+        owns: list[int] = []
+        reads = reader.read(self._reads(reader, b, owns, ctx.cpu_generator(salt=53)))
+        return EpochPlan(reader.num_batches(b), self._steps(reads, owns, ctx))
 
-    def use_presample(self) -> bool:
-        """Whether the next step reads and scores a presample (the switch is on)."""
-        return self.switch is not None and (self.switch.on or self.switch.threshold == 0)
-
-    def batches(self, source: BatchSource) -> Iterator[Batch]:
-        n, b = source.indices.numel(), source.batch_size
-        big = self.presample_size(b)
-        device = source.indices.device
+    def _reads(self, reader: EpochReader, b: int, owns: list[int],
+               generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per step: the own block of b positions of the order, plus B - b others when on
+        (decided when the read is planned; a DataLoader plans a few steps ahead)."""
+        n, big = len(reader), self.presample_size(b)
         for start in range(0, n, b):
             stop = min(start + b, n)
-            self._own = stop - start
+            owns.append(stop - start)
             if self.use_presample():
-                positions = presample_positions(start, stop, n, big, self._order_generator)
+                positions = presample_positions(start, stop, n, big, generator)
             else:
                 positions = torch.arange(start, stop)
-            positions = positions.to(device)
-            raw = source.read(source.indices[positions], source.weights[positions])
-            yield source.augment(raw)
+            positions = positions.to(reader.indices.device)
+            yield reader.indices[positions], reader.weights[positions]
 
-    def step(self, trainer: Trainer, batch: Batch) -> None:
+    def _steps(self, reads: Iterator[Batch], owns: list[int], ctx: PolicyContext
+               ) -> Iterator[StepBatch]:
+        generator = ctx.generator(salt=47)
+        for batch in reads:
+            own = owns.pop(0)
+            self._counts[1] += 1
+            if len(batch) <= own:  # off: a plain step; `observe` updates tau from its logits
+                yield StepBatch(batch, tag="plain")
+                continue
+            self._counts[0] += 1
+            yield self._resampled(batch, own, generator, ctx)
+
+    def _resampled(self, batch: Batch, own: int, generator: torch.Generator,
+                   ctx: PolicyContext) -> StepBatch:
+        """Score the presample, update tau, draw `own` rows with p ∝ score, weight 1/(B p)."""
         assert self.switch is not None
-        self._counts[1] += 1
-        gradnorm = self.score == "gradnorm"
-        if len(batch) <= self._own:  # off: a plain step on the own batch
-            with capture_last_input(trainer.model, gradnorm) as inputs:
-                trainer.train_on(batch)
-            scores = importance_scores(
-                trainer.last_logits, batch.y, self.score, inputs[-1] if inputs else None
-            )
-            self.switch.update(tau_estimate(scores))
-            return
-        self._counts[0] += 1
-        with capture_last_input(trainer.model, gradnorm) as inputs:
-            logits, _ = trainer.score(batch.x, batch.y)
-        scores = importance_scores(logits, batch.y, self.score, inputs[-1] if inputs else None)
+        scored = ctx.score(batch.x, batch.y, embeddings=self.wants_embeddings)
+        scores = importance_scores(scored.logits, batch.y, self.score, scored.embeddings)
         self.switch.update(tau_estimate(scores))
         p = sampling_probabilities(scores, batch.w)
-        rows = resample(p, self._own, self._generator)
-        trainer.train_on(self._weighted(batch, p, rows), normalize=False)
+        rows = resample(p, own, generator)
+        return StepBatch(self._weighted(batch, p, rows), mean_loss=True)
+
+    def observe(self, step: StepBatch, out: StepOut) -> None:
+        if step.tag == "plain" and self.switch is not None:
+            scores = importance_scores(out.logits, step.batch.y, self.score, out.embeddings)
+            self.switch.update(tau_estimate(scores))
 
     @staticmethod
     def _weighted(batch: Batch, p: torch.Tensor, rows: torch.Tensor) -> Batch:
@@ -259,7 +253,7 @@ class ImportanceSampling(Policy):
         chosen.w = chosen.w.float() / scale * is_weights(p)[rows]
         return chosen
 
-    def end_epoch(self, trainer: Trainer) -> dict[str, Any]:
+    def end_epoch(self) -> dict[str, Any]:
         on, steps = self._counts
         tau = self.switch.tau if self.switch is not None else None
         return {"is_on_fraction": on / max(1, steps), "is_tau": tau}

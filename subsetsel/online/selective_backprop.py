@@ -6,11 +6,17 @@ Pure cores (usable from any training loop):
   `LossHistory(capacity)`                   rolling buffer of the most recent losses
   `keep_probabilities(n, keep)` / `keep_rows(losses, keep, generator)`  the in-batch keep variant
   `keep_active(progress, batch_index, start, end, interrupt)`            its schedule
+  `expected_share(beta, floor)` / `candidate_size(b, share)`     the candidate batch of a step
 
-Policies (trainer shells):
-  "sb"        forward every example (eval mode, no grad), select with P = percentile^beta,
-              accumulate the selected ones into full backward batches of the trainer's batch size,
-              flush the remainder at the end of the epoch; the first `warmup_epochs` are plain.
+Policies (batch-stream transforms):
+  "sb"        each step scores a candidate batch of c = round(b / s) examples (s =
+              `expected_share(beta, floor)`, 1/4 at beta 3: c = 4b) in one eval-mode no-grad
+              forward, selects each with P = percentile^beta against the recent-loss history
+              and backpropagates the selected ones (about b, at least one). This replaces the
+              paper's accumulation of selected examples into exactly-b backward batches: the
+              number of steps of an epoch, ceil(n / c), is then known before it starts (every
+              rank of a distributed run takes the same number), while the backward batch size
+              varies around b. The first `warmup_epochs` are plain.
   "stale-sb"  the same with per-example cached losses, keyed by dataset index, reused for
               `staleness` epochs, so examples with a valid cached loss cost no selection forward.
   "sb-keep"   within each batch keep int(keep * B) examples drawn without replacement with
@@ -22,16 +28,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from subsetsel.online.base import Batch, Policy, register_policy
-from subsetsel.selection.base import round_generator
-
-if TYPE_CHECKING:
-    from subsetsel.train import BatchSource, Trainer
+from subsetsel.data.base import Batch, EpochReader
+from subsetsel.online.base import (
+    EpochPlan,
+    Policy,
+    PolicyContext,
+    StepBatch,
+    StepOut,
+    register_policy,
+)
 
 
 # ---- pure cores ------------------------------------------------------------------------------
@@ -128,33 +138,18 @@ def keep_active(
     return interrupt <= 0 or (batch_index + 1) % interrupt != 0
 
 
-class BackwardAccumulator:
-    """Collects selected examples; hands them out in full batches of `size`, first in first out."""
+def expected_share(beta: float, floor: float = 0.0) -> float:
+    """Expected selected share E[max(floor, U^beta)] for a percentile U uniform on [0, 1]:
+    floor^((beta+1)/beta) + (1 - floor^((beta+1)/beta)) / (beta + 1); 1/(beta+1) at floor 0."""
+    if beta <= 0:
+        return 1.0
+    corner = floor ** ((beta + 1.0) / beta)
+    return corner + (1.0 - corner) / (beta + 1.0)
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.pending: list[Batch] = []
-        self.count = 0
 
-    def add(self, batch: Batch) -> Iterator[Batch]:
-        """Add examples; yield every full batch now available."""
-        if len(batch):
-            self.pending.append(batch)
-            self.count += len(batch)
-        while self.count >= self.size:
-            merged = Batch.cat(self.pending)
-            yield merged.take(slice(0, self.size))
-            rest = merged.take(slice(self.size, None))
-            self.pending = [rest] if len(rest) else []
-            self.count = len(rest)
-
-    def flush(self) -> Batch | None:
-        """The partial batch left over (None if empty); empties the accumulator."""
-        if not self.count:
-            return None
-        merged = Batch.cat(self.pending)
-        self.pending, self.count = [], 0
-        return merged
+def candidate_size(batch_size: int, share: float) -> int:
+    """Examples to score per step so that `share` of them make about one backward batch."""
+    return max(batch_size, round(batch_size / max(share, 1e-6)))
 
 
 def downscale(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -164,13 +159,6 @@ def downscale(x: torch.Tensor, scale: float) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"--keep-scale < 1 needs image inputs (B, C, H, W), got {tuple(x.shape)}")
     return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-
-
-def policy_generator(trainer: Trainer, epoch: int, salt: int) -> torch.Generator:
-    """A generator on the trainer's device seeded by (seed, epoch, salt): resumes draw the same."""
-    base = round_generator(trainer.config.seed, epoch, salt)
-    seed = int(torch.randint(2**62, (1,), generator=base))
-    return torch.Generator(device=trainer.device).manual_seed(seed)
 
 
 # ---- policies --------------------------------------------------------------------------------
@@ -214,41 +202,46 @@ class SelectiveBackprop(Policy):
     def caching(self) -> bool:
         return self.staleness > 1
 
-    def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
-        self._epoch = epoch
-        device = trainer.device
+    def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
+        self._epoch = ctx.epoch
         if self._losses is None:
-            self._losses = LossHistory(self.history, device)
-        self._losses.buffer = self._losses.buffer.to(device)
+            self._losses = LossHistory(self.history, ctx.device)
+        self._losses.buffer = self._losses.buffer.to(ctx.device)
         if self.caching and self._cache_loss is None:
-            n = len(trainer.dataset)
-            self._cache_loss = torch.zeros(n, device=device)
-            self._cache_epoch = torch.full((n,), -(2**40), dtype=torch.int64, device=device)
-        self._generator = policy_generator(trainer, epoch, salt=41)
-        self._accumulator = BackwardAccumulator(trainer.config.batch_size)
+            n = ctx.dataset_size
+            self._cache_loss = torch.zeros(n, device=ctx.device)
+            self._cache_epoch = torch.full((n,), -(2**40), dtype=torch.int64, device=ctx.device)
         self._stats = [0, 0, 0]
+        if ctx.epoch < self.warmup_epochs:
+            return super().plan(reader, ctx)
+        size = candidate_size(ctx.batch_size, expected_share(self.beta, self.floor))
+        return EpochPlan(reader.num_batches(size), self._select(reader.batches(size), ctx))
 
-    def step(self, trainer: Trainer, batch: Batch) -> None:
-        if self._epoch < self.warmup_epochs:
-            losses = trainer.train_on(batch)
-            self._remember(batch.indices, losses)
-            return
-        losses, reused = self._losses_for(trainer, batch)
+    def _select(self, candidates: Iterator[Batch], ctx: PolicyContext) -> Iterator[StepBatch]:
+        generator = ctx.generator(salt=41)
         assert self._losses is not None
-        self._losses.push(losses)
-        probs = selection_probabilities(losses, self._losses.values(), self.beta, self.floor)
-        chosen = torch.rand(probs.shape, generator=self._generator, device=probs.device) < probs
-        selected = batch.take(chosen)
-        self._stats[0] += len(batch)
-        self._stats[1] += len(selected)
-        self._stats[2] += reused
-        for full in self._accumulator.add(selected):
-            self._backprop(trainer, full)
+        for batch in candidates:
+            losses, reused = self._losses_for(batch, ctx)
+            self._losses.push(losses)
+            probs = selection_probabilities(losses, self._losses.values(), self.beta, self.floor)
+            chosen = torch.rand(probs.shape, generator=generator, device=probs.device) < probs
+            # never an empty step: without any pick, the most probable example is taken
+            top = torch.arange(len(batch), device=probs.device) == probs.argmax()
+            chosen = chosen | (top & ~chosen.any())
+            selected = batch.take(chosen)
+            self._stats[0] += len(batch)
+            self._stats[1] += len(selected)
+            self._stats[2] += reused
+            yield StepBatch(selected)
 
-    def end_epoch(self, trainer: Trainer) -> dict[str, Any]:
-        rest = self._accumulator.flush()
-        if rest is not None:
-            self._backprop(trainer, rest)
+    def observe(self, step: StepBatch, out: StepOut) -> None:
+        if self._epoch < self.warmup_epochs:
+            assert self._losses is not None
+            self._losses.push(out.losses)
+        if self.caching:
+            self._store(step.batch.indices, out.losses)
+
+    def end_epoch(self) -> dict[str, Any]:
         if self._epoch < self.warmup_epochs:
             return {}
         considered, selected, reused = self._stats
@@ -276,30 +269,18 @@ class SelectiveBackprop(Policy):
             self._cache_epoch = state["cache_epoch"]
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _losses_for(self, trainer: Trainer, batch: Batch) -> tuple[torch.Tensor, int]:
+    def _losses_for(self, batch: Batch, ctx: PolicyContext) -> tuple[torch.Tensor, int]:
         """(losses (B,) of the batch's examples, number of them taken from the cache)."""
         if not self.caching:
-            _, losses = trainer.score(batch.x, batch.y)
-            return losses, 0
-        self._move_cache(trainer.device)
+            return ctx.score(batch.x, batch.y).losses, 0
+        self._move_cache(ctx.device)
         assert self._cache_loss is not None and self._cache_epoch is not None
         valid = self._cache_epoch[batch.indices] > self._epoch - self.staleness
         stale_rows = torch.nonzero(~valid).squeeze(1)
         if stale_rows.numel():
-            _, fresh = trainer.score(batch.x[stale_rows], batch.y[stale_rows])
+            fresh = ctx.score(batch.x[stale_rows], batch.y[stale_rows]).losses
             self._store(batch.indices[stale_rows], fresh)
         return self._cache_loss[batch.indices], len(batch) - stale_rows.numel()
-
-    def _backprop(self, trainer: Trainer, batch: Batch) -> None:
-        losses = trainer.train_on(batch)
-        if self.caching:
-            self._store(batch.indices, losses)
-
-    def _remember(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        assert self._losses is not None
-        self._losses.push(losses)
-        if self.caching:
-            self._store(indices, losses)
 
     def _store(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
         assert self._cache_loss is not None and self._cache_epoch is not None
@@ -345,31 +326,32 @@ class KeepSelectiveBackprop(Policy):
         check_keep_params(self.keep, self.keep_start, self.keep_end, self.interrupt)
         if not 0.0 < self.keep_scale <= 1.0:
             raise ValueError(f"--keep-scale must be in (0, 1], got {self.keep_scale}")
-        self._schedule = ProgressClock()
         self._selected = [0, 0]
 
-    def begin_epoch(self, trainer: Trainer, epoch: int) -> None:
-        if self.keep_scale < 1.0 and trainer.dataset.x_train.dim() != 4:  # fail now, not mid-run
-            downscale(trainer.dataset.x_train[:1], self.keep_scale)
-        self._schedule.begin_epoch(epoch, trainer.total_epochs)
-        self._generator = policy_generator(trainer, epoch, salt=43)
+    def check(self, ctx: PolicyContext) -> None:
+        if self.keep_scale < 1.0 and not ctx.image_inputs:
+            raise ValueError("--keep-scale < 1 needs image inputs (C, H, W)")
+
+    def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
+        self.check(ctx)
+        steps = reader.num_batches(ctx.batch_size)
         self._selected = [0, 0]  # batches selected on, batches
+        return EpochPlan(steps, self._steps(reader.batches(ctx.batch_size), steps, ctx))
 
-    def batches(self, source: BatchSource) -> Iterator[Batch]:
-        self._schedule.begin_pass(len(source))
-        return iter(source)
+    def _steps(self, batches: Iterator[Batch], steps: int, ctx: PolicyContext
+               ) -> Iterator[StepBatch]:
+        generator = ctx.generator(salt=43)
+        for index, batch in enumerate(batches):
+            progress = (ctx.epoch + index / steps) / max(1, ctx.epochs)
+            self._selected[1] += 1
+            if not keep_active(progress, index, self.keep_start, self.keep_end, self.interrupt):
+                yield StepBatch(batch)
+                continue
+            self._selected[0] += 1
+            losses = ctx.score(downscale(batch.x, self.keep_scale), batch.y).losses
+            yield StepBatch(batch.take(keep_rows(losses, self.keep, generator)))
 
-    def step(self, trainer: Trainer, batch: Batch) -> None:
-        progress, index = self._schedule.tick()
-        self._selected[1] += 1
-        if not keep_active(progress, index, self.keep_start, self.keep_end, self.interrupt):
-            trainer.train_on(batch)
-            return
-        self._selected[0] += 1
-        _, losses = trainer.score(downscale(batch.x, self.keep_scale), batch.y)
-        trainer.train_on(batch.take(keep_rows(losses, self.keep, self._generator)))
-
-    def end_epoch(self, trainer: Trainer) -> dict[str, Any]:
+    def end_epoch(self) -> dict[str, Any]:
         return {"keep_active_fraction": self._selected[0] / max(1, self._selected[1])}
 
 
@@ -381,22 +363,3 @@ def check_keep_params(keep: float, start: float, end: float, interrupt: int) -> 
         raise ValueError(f"need 0 <= --keep-start <= --keep-end, got {start} and {end}")
     if interrupt < 0:
         raise ValueError(f"--interrupt must be >= 0, got {interrupt}")
-
-
-class ProgressClock:
-    """Training progress in [0, 1) at each batch: (epoch + batch / batches_per_epoch) / epochs."""
-
-    def __init__(self) -> None:
-        self.epoch, self.epochs, self.batches, self.index = 0, 1, 1, 0
-
-    def begin_epoch(self, epoch: int, epochs: int) -> None:
-        self.epoch, self.epochs, self.index = epoch, max(1, epochs), 0
-
-    def begin_pass(self, batches: int) -> None:
-        self.batches, self.index = max(1, batches), 0
-
-    def tick(self) -> tuple[float, int]:
-        """(progress at the current batch, its 0-based index in the epoch); advances the clock."""
-        index = self.index
-        self.index += 1
-        return (self.epoch + index / self.batches) / self.epochs, index

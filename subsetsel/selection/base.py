@@ -12,7 +12,8 @@ from subsetsel.registry import Registry, create_dataclass
 if TYPE_CHECKING:
     from torch import nn
 
-    from subsetsel.data import Dataset
+    from subsetsel.data.base import TrainData
+    from subsetsel.engine.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,22 @@ def round_generator(seed: int, round_index: int, salt: int = 0) -> torch.Generat
 class SelectionContext:
     """What a strategy may look at when it selects.
 
-    model: the network being trained (a strategy may run it in eval mode, must restore train mode).
-    dataset: the training data (tensors on `device`).
+    model: the network being trained (a strategy may run it in eval mode; the schedule restores
+    its mode afterwards).
+    dataset: the training data (`TrainData`: its eval view is what selection forwards read).
     epoch: the epoch the new subset starts at; round_index counts selections made so far.
     batch_size: the trainer's mini-batch size (PB strategies partition by it).
+    precision: autocast / memory-format settings for the selection forward (None: float32).
     """
 
     model: nn.Module
-    dataset: Dataset
+    dataset: TrainData
     epoch: int
     round_index: int
     batch_size: int
     seed: int
     device: torch.device
+    precision: Precision | None = None
 
 
 @dataclass

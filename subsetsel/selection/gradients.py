@@ -19,16 +19,21 @@ un-augmented inputs, in chunks; the model itself is never modified (the hook is 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from subsetsel import memory
+from subsetsel.memory import GiB, free_memory, size_text  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from subsetsel.engine.precision import Precision
+
 CHUNK = 1024  # samples per forward pass
-GiB = 2**30
 
 
 def final_linear(model: nn.Module) -> nn.Linear:
@@ -126,14 +131,19 @@ def _hooked(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         model.train(was_training)
 
 
-def _chunks(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """(start, stop, delta (m, C), emb (m, D)) for consecutive chunks of x, y."""
+Chunks = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _factor_chunks(
+    model: nn.Module, chunks: Chunks, precision: Precision | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(positions (m,), y (m,), delta (m, C), emb (m, D)) float32 for each (positions, x, y)."""
     with _hooked(model) as seen:
-        for start in range(0, int(x.shape[0]), chunk):
-            stop = min(start + chunk, int(x.shape[0]))
-            model(x[start:stop])
+        for positions, x, y in chunks:
+            if precision is None:
+                model(x)
+            else:
+                precision.forward(model, x)
             emb, logits = seen["emb"], seen["logits"]
             if emb.dim() != 2 or logits.dim() != 2:
                 raise ValueError(
@@ -141,28 +151,60 @@ def _chunks(
                     f"input {tuple(emb.shape)} and output {tuple(logits.shape)}"
                 )
             delta = torch.softmax(logits.float(), 1)
-            delta[torch.arange(stop - start, device=delta.device), y[start:stop]] -= 1.0
-            yield start, stop, delta, emb.float()
+            delta[torch.arange(y.shape[0], device=delta.device), y] -= 1.0
+            yield positions, y, delta, emb.float()
+
+
+def tensor_chunks(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK) -> Chunks:
+    """(positions, x, y) chunks of in-memory tensors, in order."""
+    for start in range(0, int(x.shape[0]), chunk):
+        stop = min(start + chunk, int(x.shape[0]))
+        yield torch.arange(start, stop, device=x.device), x[start:stop], y[start:stop]
+
+
+def collect_factors(
+    model: nn.Module, chunks: Chunks, n: int, *, class_slice: bool = False,
+    storage: torch.device | None = None, precision: Precision | None = None,
+) -> LastLayerFactors:
+    """Factors (delta, e) of the last-layer gradients of n samples streamed as (positions, x, y)
+    chunks (positions in [0, n), each once), written into preallocated buffers on `storage`
+    (default: the chunks' device; a CPU storage for a CUDA model is pinned).
+
+    class_slice: keep only delta[i, y_i] (delta is then (n, 1): the per-class-per-gradient
+    factors). Raises FloatingPointError when the model's outputs are not finite."""
+    layer = final_linear(model)
+    c = 1 if class_slice else layer.out_features
+    delta = emb = finite = None
+    seen = 0
+    for positions, y, d, e in _factor_chunks(model, chunks, precision):
+        if delta is None or emb is None:
+            where = storage if storage is not None else d.device
+            pin = where.type == "cpu" and d.device.type == "cuda"
+            delta = torch.empty(n, c, dtype=torch.float32, device=where, pin_memory=pin)
+            emb = torch.empty(n, int(e.shape[1]), dtype=torch.float32, device=where,
+                              pin_memory=pin)
+        if class_slice:
+            d = d.gather(1, y.view(-1, 1))
+        ok = torch.isfinite(d).all() & torch.isfinite(e).all()  # no host sync per chunk
+        finite = ok if finite is None else finite & ok
+        where = positions.to(delta.device)
+        delta[where], emb[where] = d.to(delta.device), e.to(emb.device)
+        seen += int(positions.shape[0])
+    if delta is None or emb is None or seen != n:
+        raise ValueError(f"gradient factors: {seen} samples read, {n} expected")
+    if not bool(finite):
+        raise FloatingPointError("the model's outputs are not finite (NaN or inf): no "
+                                 "gradient-based selection is possible from it")
+    return LastLayerFactors(delta, emb, layer.bias is not None)
 
 
 def last_layer_factors(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, class_slice: bool = False,
-    chunk: int = CHUNK,
+    chunk: int = CHUNK, precision: Precision | None = None,
 ) -> LastLayerFactors:
-    """Factors (delta, e) of every sample's last-layer gradient, in preallocated buffers.
-
-    class_slice: keep only delta[i, y_i] (delta is then (n, 1): the per-class-per-gradient
-    factors)."""
-    layer = final_linear(model)
-    n = int(x.shape[0])
-    c = 1 if class_slice else layer.out_features
-    delta = torch.empty(n, c, dtype=torch.float32, device=x.device)
-    emb = torch.empty(n, layer.in_features, dtype=torch.float32, device=x.device)
-    for start, stop, d, e in _chunks(model, x, y, chunk):
-        if class_slice:
-            d = d.gather(1, y[start:stop].view(-1, 1))
-        delta[start:stop], emb[start:stop] = d, e
-    return LastLayerFactors(delta, emb, layer.bias is not None)
+    """`collect_factors` over in-memory tensors x (n, ...), y (n,)."""
+    return collect_factors(model, tensor_chunks(x, y, chunk), int(x.shape[0]),
+                           class_slice=class_slice, precision=precision)
 
 
 def last_layer_gradients(
@@ -188,10 +230,10 @@ def last_layer_gradients(
     out = torch.empty(
         int(x.shape[0]), c * (layer.in_features + int(bias)), dtype=torch.float32, device=x.device
     )
-    for start, stop, delta, emb in _chunks(model, x, y, chunk):
+    for positions, yc, delta, emb in _factor_chunks(model, tensor_chunks(x, y, chunk)):
         if per_class:
-            delta = delta.gather(1, y[start:stop].view(-1, 1))
-        out[start:stop] = _rows(delta, emb, bias)
+            delta = delta.gather(1, yc.view(-1, 1))
+        out[positions] = _rows(delta, emb, bias)
     return out
 
 
@@ -258,30 +300,6 @@ class LastLayerAtoms:
         return ((proj + rb.float().unsqueeze(2)) * self._ft[:, :c]).sum(1)
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on `device`, or None when unknown.
-
-    CUDA: free device memory plus what torch's caching allocator holds unused. CPU: MemAvailable
-    from /proc/meminfo (else available physical pages from sysconf).
-    """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def check_memory(
     need: int, device: torch.device, share: float, what: str,
     alternatives: Sequence[tuple[str, int]] = (),
@@ -289,7 +307,7 @@ def check_memory(
     """Raise GradientMemoryError (one line) if `need` bytes exceed `share` of free memory.
 
     alternatives: (CLI option text, bytes it would need); those that fit are suggested."""
-    free = free_memory(device)
+    free = memory.free_memory(device)
     if free is None or need <= share * free:
         return
     fitting = [f"{option} (~{size_text(nbytes)})" for option, nbytes in alternatives
@@ -299,11 +317,3 @@ def check_memory(
         f"{what} needs about {size_text(need)} but only {share:g} of the {size_text(free)} free "
         f"on {device} may be used; try {hint}"
     )
-
-
-def size_text(nbytes: float) -> str:
-    """Bytes as '1.23 GiB' / '45.60 MiB' / '3.00 KiB' / '12 B'."""
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= 0.1 * scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{int(nbytes)} B"

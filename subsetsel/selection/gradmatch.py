@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from subsetsel import memory
+from subsetsel.errors import DivergenceError
 from subsetsel.selection.base import (
     Selection,
     SelectionContext,
@@ -35,11 +37,12 @@ from subsetsel.selection.base import (
     round_generator,
 )
 from subsetsel.selection.gradients import (
+    CHUNK,
     LastLayerAtoms,
     LastLayerFactors,
     check_memory,
+    collect_factors,
     final_linear,
-    last_layer_factors,
 )
 from subsetsel.selection.omp import DenseAtoms, capacity, complete_to_budget, nonneg_omp
 
@@ -113,24 +116,25 @@ class _GradMatchBase(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (self.lam >= 0 and math.isfinite(self.lam)):
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
+            raise ValueError(f"--lam must be a finite number >= 0, got {self.lam}")
         if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+            raise ValueError(f"--eps must be >= 0, got {self.eps}")
         if not 0.0 < self.valid_fraction < 1.0:
-            raise ValueError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
+            raise ValueError(f"--valid-fraction must be in (0, 1), got {self.valid_fraction}")
         if not 0.0 < self.memory_share <= 1.0:
-            raise ValueError(f"memory_share must be in (0, 1], got {self.memory_share}")
+            raise ValueError(f"--memory-share must be in (0, 1], got {self.memory_share}")
         if self.check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
+            raise ValueError(f"--check-every must be >= 1, got {self.check_every}")
         if self.picks_per_step is not None and self.picks_per_step < 1:
-            raise ValueError(f"picks_per_step must be >= 1, got {self.picks_per_step}")
+            raise ValueError(f"--picks-per-step must be >= 1, got {self.picks_per_step}")
         self.last_info: dict[str, Any] = {}
 
     def select(self, ctx: SelectionContext) -> Selection:
         data = ctx.dataset
         n = len(data)
+        labels = data.labels()
         if self.valid:
-            cand, val = validation_split(data.y_train, self.valid_fraction, self.seed)
+            cand, val = validation_split(labels, self.valid_fraction, self.seed)
         else:
             cand, val = torch.arange(n), torch.zeros(0, dtype=torch.int64)
         k = min(budget(self.fraction, n), cand.numel())
@@ -138,19 +142,64 @@ class _GradMatchBase(Strategy):
             self.last_info = {"random_first": True}
             return self._random(ctx, cand, k)
         layer = final_linear(ctx.model)
-        size = (ctx, cand, k, layer.in_features, layer.out_features)
-        check_memory(self._bytes(*size), data.device, self.memory_share,
-                     f"{self.name} on {n} examples",
-                     [(option, alt._bytes(*size)) for option, alt in self._alternatives()])
+        shape = Shape(n, labels, cand, k, layer.in_features, layer.out_features, ctx.batch_size)
+        storage, group = self._placement(shape, ctx.device)
         start = time.perf_counter()
-        factors = last_layer_factors(ctx.model, data.x_train, data.y_train,
-                                     class_slice=self._class_slice())
-        if data.device.type == "cuda":  # the forward runs asynchronously: time it, not its launch
-            torch.cuda.synchronize(data.device)
+        try:
+            factors = collect_factors(
+                ctx.model, data.eval_batches(chunk=selection_chunk(ctx.device)), n,
+                class_slice=self._class_slice(), storage=storage, precision=ctx.precision,
+            )
+        except FloatingPointError as err:
+            raise DivergenceError(f"selection at epoch {ctx.epoch}: {err}") from None
+        if ctx.device.type == "cuda":  # the forward runs asynchronously: time it, not its launch
+            torch.cuda.synchronize(ctx.device)
         grad_seconds = time.perf_counter() - start
-        selection = self._choose(ctx, factors, cand.to(data.device), val.to(data.device), k)
-        self.last_info["gradient_seconds"] = grad_seconds
+        device = ctx.device
+        selection = self._choose(ctx, factors, labels.to(device), cand.to(device),
+                                 val.to(device), k, group)
+        self.last_info.update(gradient_seconds=grad_seconds, factor_storage=str(storage),
+                              classes_per_solve=group)
         return selection
+
+    def _placement(self, shape: Shape, device: torch.device) -> tuple[torch.device, int]:
+        """Where the gradient factors live and how many problems are solved at once.
+
+        The factors and the work of all problems together on the device when they fit in
+        `memory_share` of its free memory; else the factors in (pinned) host memory when the
+        device is a GPU, and the per-class problems in groups of as many classes as fit.
+        Raises GradientMemoryError, suggesting settings that fit, when nothing does."""
+        factors = self._factor_bytes(shape)
+        problems = self._problems(shape)
+        free = memory.free_memory(device)
+        if free is None:
+            return device, problems
+        room = self.memory_share * free
+        host = torch.device("cpu")
+        host_room = (self.memory_share * (memory.free_memory(host) or 0)
+                     if device.type != "cpu" else 0.0)
+        for group in sorted({problems, *_halvings(problems)}, reverse=True):
+            work = self._work_bytes(shape, group)
+            if factors + work <= room:
+                return device, group
+            if device.type != "cpu" and work <= room and factors <= host_room:
+                return host, group
+        check_memory(factors + self._work_bytes(shape, 1), device, self.memory_share,
+                     f"{self.name} on {shape.n} examples",
+                     [(option, alt._factor_bytes(shape) + alt._work_bytes(shape, 1))
+                      for option, alt in self._alternatives()])
+        return device, 1  # unreachable: check_memory raised
+
+    def _problems(self, shape: Shape) -> int:
+        """Number of independent OMP problems of a round."""
+        return 1
+
+    def _factor_bytes(self, shape: Shape) -> int:
+        c = 1 if self._class_slice() else shape.classes
+        return 4 * shape.n * (c + shape.dim)
+
+    def _work_bytes(self, shape: Shape, group: int) -> int:
+        raise NotImplementedError
 
     def _solve(self, atoms: Any, budgets: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
@@ -184,13 +233,11 @@ class _GradMatchBase(Strategy):
         raise NotImplementedError
 
     def _choose(
-        self, ctx: SelectionContext, factors: LastLayerFactors, cand: torch.Tensor,
-        val: torch.Tensor, k: int,
+        self, ctx: SelectionContext, factors: LastLayerFactors, y: torch.Tensor,
+        cand: torch.Tensor, val: torch.Tensor, k: int, group: int,
     ) -> Selection:
-        raise NotImplementedError
-
-    def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
-               ) -> int:
+        """The round from the factors: y (n,) labels, cand / val positions, all on the device;
+        `group` problems are solved at once."""
         raise NotImplementedError
 
 
@@ -232,44 +279,103 @@ class GradMatch(_GradMatchBase):
             out.append(("--per-gradient", dataclasses.replace(self, per_gradient=True)))
         return out
 
-    def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
-               ) -> int:
-        n = len(ctx.dataset)
-        c = 1 if self.per_gradient else classes
-        counts = torch.bincount(ctx.dataset.y_train.cpu()[cand], minlength=classes)
-        kmax = int(class_budgets(k, counts).max()) if k else 0
+    def _problems(self, shape: Shape) -> int:
+        return int((torch.bincount(shape.labels[shape.cand], minlength=shape.classes) > 0).sum())
+
+    def _work_bytes(self, shape: Shape, group: int) -> int:
+        c = 1 if self.per_gradient else shape.classes
+        counts = torch.bincount(shape.labels[shape.cand], minlength=shape.classes)
+        kmax = int(class_budgets(shape.k, counts).max()) if shape.k else 0
         cap = capacity(kmax, self._picks(kmax))
-        groups, width = int((counts > 0).sum()), int(counts.max()) if counts.numel() else 0
-        factors = 4 * n * (c + dim)
-        padded = 4 * groups * width * (3 * (c + dim) + 2 * c)  # factors (3 copies), products
-        support = 8 * groups * cap * (c + dim + 2 * cap + 8)  # chosen factors, G, H, vectors
-        return factors + padded + support
+        width = int(counts.max()) if counts.numel() else 0
+        padded = 4 * group * width * (3 * (c + shape.dim) + 2 * c)  # factors (3 copies), products
+        support = 8 * group * cap * (c + shape.dim + 2 * cap + 8)  # chosen factors, G, H, vectors
+        return padded + support
 
     def _choose(
-        self, ctx: SelectionContext, factors: LastLayerFactors, cand: torch.Tensor,
-        val: torch.Tensor, k: int,
+        self, ctx: SelectionContext, factors: LastLayerFactors, y: torch.Tensor,
+        cand: torch.Tensor, val: torch.Tensor, k: int, group: int,
     ) -> Selection:
-        y = ctx.dataset.y_train
         groups, counts = _group_by_class(y, cand)
-        mask = (groups >= 0).unsqueeze(2)
-        delta = factors.delta[groups.clamp_min(0)] * mask
-        emb = factors.emb[groups.clamp_min(0)] * mask
-        target = _factor_sums(delta, emb, factors.bias)
+        budgets = class_budgets(k, counts.cpu()).to(y.device)
+        vgroups = vcounts = None
         if val.numel():
             vgroups, vcounts = _group_by_class(y, val, classes=y[groups[:, 0]])
-            vmask = (vgroups >= 0).unsqueeze(2)
-            vd = factors.delta[vgroups.clamp_min(0)] * vmask
-            ve = factors.emb[vgroups.clamp_min(0)] * vmask
-            scale = (counts.double() / vcounts.clamp_min(1).double()).unsqueeze(1)
-            vt = _factor_sums(vd, ve, factors.bias) * scale
-            target = torch.where((vcounts > 0).unsqueeze(1), vt, target)
-        budgets = class_budgets(k, counts.cpu()).to(y.device)
-        atoms = LastLayerAtoms(delta, emb, counts, target, factors.bias)
-        _, pos, weights = self._solve(atoms, budgets)
-        keep = pos >= 0
-        indices = groups.gather(1, pos.clamp_min(0))[keep]
-        order = indices.argsort()
-        return Selection(indices[order], weights[keep][order], epoch=ctx.epoch)
+        indices, weights, infos = [], [], []
+        for lo in range(0, groups.shape[0], group):
+            rows = slice(lo, lo + group)
+            delta, emb = _gathered(factors, groups[rows], y.device)
+            target = _factor_sums(delta, emb, factors.bias)
+            if vgroups is not None and vcounts is not None:
+                vd, ve = _gathered(factors, vgroups[rows], y.device)
+                scale = (counts[rows].double() / vcounts[rows].clamp_min(1).double()).unsqueeze(1)
+                vt = _factor_sums(vd, ve, factors.bias) * scale
+                target = torch.where((vcounts[rows] > 0).unsqueeze(1), vt, target)
+            atoms = LastLayerAtoms(delta, emb, counts[rows], target, factors.bias)
+            _, pos, w = self._solve(atoms, budgets[rows])
+            infos.append(self.last_info)
+            keep = pos >= 0
+            indices.append(groups[rows].gather(1, pos.clamp_min(0))[keep])
+            weights.append(w[keep])
+        self.last_info = _merged(infos)
+        chosen, chosen_w = torch.cat(indices), torch.cat(weights)
+        order = chosen.argsort()
+        return Selection(chosen[order], chosen_w[order], epoch=ctx.epoch)
+
+
+def _gathered(factors: LastLayerFactors, groups: torch.Tensor, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta (B, n_max, c) and emb (B, n_max, D) of padded position rows (-1 = padding, zeroed)
+    on `device`, read from the factors wherever they are stored."""
+    at = groups.clamp_min(0).to(factors.delta.device)
+    mask = (groups >= 0).unsqueeze(2)
+    delta = factors.delta[at].to(device, non_blocking=True) * mask
+    emb = factors.emb[at].to(device, non_blocking=True) * mask
+    return delta, emb
+
+
+def _merged(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round's OMP info from the infos of its groups of problems."""
+    if len(infos) == 1:
+        return dict(infos[0])
+    out = dict(infos[0])
+    for key in ("omp_seconds", "filled", "zero_weight_picks"):
+        if key in out:
+            out[key] = sum(i[key] for i in infos)
+    if "residual" in out:
+        out["residual"] = [r for i in infos for r in i["residual"]]
+    if "omp_steps" in out:
+        out["omp_steps"] = max(i["omp_steps"] for i in infos)
+    return out
+
+
+def _halvings(n: int) -> list[int]:
+    """n // 2, n // 4, ..., 1."""
+    out = []
+    while n > 1:
+        n //= 2
+        out.append(n)
+    return out
+
+
+@dataclass
+class Shape:
+    """The sizes of a round: n examples, labels (n,) on the CPU, candidate positions, budget k,
+    embedding width D, classes C, the trainer's batch size."""
+
+    n: int
+    labels: torch.Tensor
+    cand: torch.Tensor
+    k: int
+    dim: int
+    classes: int
+    batch_size: int
+
+
+def selection_chunk(device: torch.device) -> int:
+    """Examples per selection forward: CHUNK on GPUs; 128 on CPUs (measured in
+    scripts/bench_selection.py: larger chunks only cost cache misses there)."""
+    return CHUNK if device.type == "cuda" else 128
 
 
 def _group_by_class(
@@ -319,26 +425,26 @@ class GradMatchPB(_GradMatchBase):
                               valid_fraction=self.valid_fraction, per_gradient=True)
         return [("--strategy gradmatch --per-gradient", per_class)]
 
-    def _bytes(self, ctx: SelectionContext, cand: torch.Tensor, k: int, dim: int, classes: int
-               ) -> int:
-        n = len(ctx.dataset)
-        m = math.ceil(cand.numel() / ctx.batch_size)
-        kb = min(m, math.ceil(k / ctx.batch_size))
+    def _work_bytes(self, shape: Shape, group: int) -> int:
+        m = math.ceil(shape.cand.numel() / shape.batch_size)
+        kb = min(m, math.ceil(shape.k / shape.batch_size))
         cap = min(m, capacity(kb, self._picks(kb)))
-        d = classes * (dim + 1)
-        return 4 * n * (classes + dim) + 4 * m * d + 8 * cap * (d + 2 * cap + 8)
+        d = shape.classes * (shape.dim + 1)
+        return 4 * m * d + 8 * cap * (d + 2 * cap + 8)
 
     def _choose(
-        self, ctx: SelectionContext, factors: LastLayerFactors, cand: torch.Tensor,
-        val: torch.Tensor, k: int,
+        self, ctx: SelectionContext, factors: LastLayerFactors, y: torch.Tensor,
+        cand: torch.Tensor, val: torch.Tensor, k: int, group: int,
     ) -> Selection:
-        batches = [cand[b.to(cand.device)] for b in
+        store = factors.delta.device
+        batches = [cand[b.to(cand.device)].to(store) for b in
                    fixed_partition(cand.numel(), ctx.batch_size, self.seed)]
-        rows = factors.batch_mean_rows(batches)
+        rows = factors.batch_mean_rows(batches).to(cand.device)
+        val = val.to(store)
         m = len(batches)
         if val.numel():
             vd, ve = factors.delta[val].unsqueeze(0), factors.emb[val].unsqueeze(0)
-            target = _factor_sums(vd, ve, factors.bias)[0] * (m / val.numel())
+            target = _factor_sums(vd, ve, factors.bias)[0].to(cand.device) * (m / val.numel())
         else:
             target = rows.double().sum(0)
         kb = min(m, math.ceil(k / ctx.batch_size))

@@ -2,7 +2,9 @@
 error-prioritised sampling with importance weights.
 
 Memory is preallocated once: `capacity` rows of inputs plus, per row, the label, the source index
-and the last observed loss. Nothing grows after construction (`nbytes` is constant).
+and the last observed loss. Nothing grows after construction (`nbytes` is constant). Inputs are
+tensors of `input_shape`, or (input_shape None) decoded items of a DataLoader source kept as
+Python objects in `capacity` slots (then `nbytes` counts only the tensors).
 
 Priorities (One Pass ImageNet's error-based priority): P_i = 1 - alpha * exp(-loss_i), floored at
 `min_priority` so that no stored example becomes unreachable when alpha = 1. The buffer stores
@@ -16,6 +18,7 @@ estimate of the buffer's mean loss: E_q[w * l] = sum_i q_i * l_i / (M * q_i) = (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,7 +69,7 @@ class ReplayBuffer:
     def __init__(
         self,
         capacity: int,
-        input_shape: tuple[int, ...],
+        input_shape: tuple[int, ...] | None,
         *,
         insertion: str = "fifo",
         dtype: torch.dtype = torch.float32,
@@ -82,7 +85,10 @@ class ReplayBuffer:
         self.insertion = insertion
         self.device = torch.device(device)
         self.min_priority = min_priority
-        self.x = torch.zeros((self.capacity, *input_shape), dtype=dtype, device=self.device)
+        self.x: torch.Tensor | list[Any] = (
+            [None] * self.capacity if input_shape is None
+            else torch.zeros((self.capacity, *input_shape), dtype=dtype, device=self.device)
+        )
         self.y = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)
         self.index = torch.full((self.capacity,), -1, dtype=torch.int64, device=self.device)
         self.loss = torch.zeros(self.capacity, dtype=torch.float32, device=self.device)
@@ -94,21 +100,33 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
+    def _tensors(self) -> list[torch.Tensor]:
+        rows = [self.y, self.index, self.loss]
+        return rows if isinstance(self.x, list) else [self.x, *rows]
+
     @property
     def row_bytes(self) -> int:
-        """Bytes per row: input, label, source index and loss."""
-        return sum(t[0].nbytes for t in (self.x, self.y, self.index, self.loss))
+        """Bytes per row: input (tensor inputs only), label, source index and loss."""
+        return sum(t[0].nbytes for t in self._tensors())
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffer's tensors: capacity * row_bytes, fixed at construction."""
-        return sum(t.nbytes for t in (self.x, self.y, self.index, self.loss))
+        return sum(t.nbytes for t in self._tensors())
+
+    def inputs(self, slots: torch.Tensor) -> torch.Tensor | list[Any]:
+        """The stored inputs of `slots` (a tensor, or a list of decoded items)."""
+        if isinstance(self.x, list):
+            return [self.x[s] for s in slots.tolist()]
+        return self.x[slots]
 
     # ---- insertion ---------------------------------------------------------------------------
     def add(
-        self, indices: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor
+        self, indices: torch.Tensor, x: torch.Tensor | list[Any], y: torch.Tensor,
+        loss: torch.Tensor,
     ) -> torch.Tensor:
-        """Offer a batch: source indices (B,), inputs (B, *input_shape), labels (B,), losses (B,).
+        """Offer a batch: source indices (B,), inputs (B, *input_shape) (or a list of B items),
+        labels (B,), losses (B,).
 
         Returns the batch positions that were stored (int64, on the buffer's device).
         """
@@ -124,7 +142,11 @@ class ReplayBuffer:
         if pos.numel():
             pos_d = pos.to(self.device)
             slots_d = slots.to(self.device)
-            self.x[slots_d] = x.to(self.device)[pos_d].to(self.x.dtype)
+            if isinstance(self.x, list):
+                for p, s in zip(pos.tolist(), slots.tolist(), strict=True):
+                    self.x[s] = x[p]
+            else:
+                self.x[slots_d] = x.to(self.device)[pos_d].to(self.x.dtype)
             self.y[slots_d] = y.to(self.device)[pos_d]
             self.index[slots_d] = indices.to(self.device)[pos_d]
             self.loss[slots_d] = loss.detach().to(self.device)[pos_d].float()

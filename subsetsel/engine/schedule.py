@@ -1,0 +1,170 @@
+"""The selection schedule: which `Selection` is in force at each epoch, and every interaction
+with the selection file, in one object.
+
+`StrategySchedule` selects with a strategy every R epochs (after full-data warm-up epochs);
+`ReplaySchedule` replays the rounds of a stored file (Cached-Grad-Match). `SubsetFeed` hands the
+engine each epoch's reader over the subset in force, appends new rounds to the selection file,
+marks the file complete at the end and checks, on resume, that the file is still the one the
+run was writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from subsetsel.data.base import TrainData
+from subsetsel.data.sampler import epoch_order
+from subsetsel.engine.loop import Period
+from subsetsel.engine.precision import Precision
+from subsetsel.selection.base import Selection, SelectionContext, Strategy
+from subsetsel.store import SelectionStore
+
+
+class Schedule(Protocol):
+    """Source of the subset in force: a new Selection at epochs where it changes, else None.
+    It may also have `log_fields(epoch) -> dict` (extra log fields) and `params() -> dict`
+    (provenance stored in selection files)."""
+
+    def selection_for(self, epoch: int) -> Selection | None: ...
+
+
+@dataclass
+class StrategySchedule:
+    """Select with `strategy` every `select_every` epochs after `warm_epochs` full-data epochs.
+
+    The strategy sees `model` (in eval mode while it selects) and the eval view of `data`."""
+
+    strategy: Strategy
+    select_every: int
+    model: nn.Module
+    data: TrainData
+    batch_size: int
+    seed: int
+    device: torch.device
+    precision: Precision
+    warm_epochs: int = 0
+
+    def selection_for(self, epoch: int) -> Selection | None:
+        if epoch < self.warm_epochs:
+            return Selection.full(len(self.data), epoch=epoch) if epoch == 0 else None
+        offset = epoch - self.warm_epochs
+        if offset % self.select_every:
+            return None
+        ctx = SelectionContext(
+            model=self.model, dataset=self.data, epoch=epoch,
+            round_index=offset // self.select_every, batch_size=self.batch_size, seed=self.seed,
+            device=self.device, precision=self.precision,
+        )
+        start = time.perf_counter()
+        was_training = self.model.training
+        try:
+            chosen = self.strategy.select(ctx)
+        finally:
+            self.model.train(was_training)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        return dataclasses.replace(chosen, epoch=epoch, seconds=seconds)
+
+    def log_fields(self, epoch: int) -> dict[str, Any]:
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        """The strategy's parameters plus the schedule settings (provenance)."""
+        return {"select_every": self.select_every, "warm_epochs": self.warm_epochs,
+                **self.strategy.params()}
+
+
+class ReplaySchedule:
+    """Replay the rounds of a selection file (Cached-Grad-Match): no selection cost.
+
+    Rounds map to the new run's epochs by relative training progress (see
+    `SelectionStore.selection_at`): epoch e of a run of `total_epochs` uses the round in force
+    at stored epoch floor(e * span / total_epochs), span being the epochs the file covers.
+    """
+
+    def __init__(self, store: SelectionStore, total_epochs: int) -> None:
+        self.store = store
+        self.total_epochs = total_epochs
+        self.starts = set(store.round_starts(total_epochs))
+
+    def selection_for(self, epoch: int) -> Selection | None:
+        if epoch not in self.starts:
+            return None
+        return dataclasses.replace(self.store.selection_at(epoch, self.total_epochs), seconds=0.0)
+
+    def log_fields(self, epoch: int) -> dict[str, Any]:
+        """Which file and stored round the epoch trained on."""
+        return {
+            "replay_file": str(self.store.path),
+            "replay_round": self.store.round_index_at(epoch, self.total_epochs),
+        }
+
+    def params(self) -> dict[str, Any]:
+        """The replayed file's strategy parameters, and where they came from."""
+        meta = self.store.metadata
+        return {**meta.strategy_params, "replayed_from": str(self.store.path),
+                "replayed_file_id": getattr(meta, "file_id", "")}
+
+
+class SubsetFeed:
+    """Epochs of training on the subset in force (see the module docstring).
+
+    store: the selection file new rounds are appended to (None: nothing is saved).
+    read_delay: simulated upstream cost, seconds per example read.
+    """
+
+    def __init__(self, schedule: Schedule, data: TrainData, *, epochs: int, seed: int,
+                 store: SelectionStore | None = None, read_delay: float = 0.0) -> None:
+        self.schedule = schedule
+        self.data = data
+        self.periods = epochs
+        self.seed = seed
+        self.store = store
+        self.read_delay = read_delay
+        self.selection: Selection | None = None
+
+    def open(self, period: int) -> Period:
+        start = time.perf_counter()
+        new = self.schedule.selection_for(period)
+        select_seconds = time.perf_counter() - start if new is not None else 0.0
+        if new is not None:
+            self.selection = new
+            if self.store is not None:
+                self.store.append(new)
+        if self.selection is None:
+            raise RuntimeError(f"the schedule gave no selection for the first epoch ({period})")
+        order = epoch_order(self.selection, self.seed, period)
+        reader = self.data.reader(order.indices, order.weights, order.aug_seed, self.read_delay)
+        fields = {"subset_size": len(self.selection), "new_selection": new is not None}
+        log_fields = getattr(self.schedule, "log_fields", None)
+        if log_fields is not None:
+            fields.update(log_fields(period))
+        return Period(reader, select_seconds, fields)
+
+    def finish(self) -> None:
+        """The schedule ran to its end: the selection file says so."""
+        if self.store is not None:
+            self.store.finish()
+
+    def state_dict(self) -> dict[str, Any]:
+        sel = self.selection
+        state: dict[str, Any] = {"selection": None}
+        if sel is not None:
+            state["selection"] = {
+                "indices": sel.indices, "weights": sel.weights, "epoch": sel.epoch,
+                "seconds": sel.seconds, "batch_ids": sel.batch_ids,
+            }
+        if self.store is not None:
+            state["store"] = self.store.identity()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["selection"] is not None:
+            self.selection = Selection(**state["selection"])
