@@ -33,10 +33,15 @@ def _meta(**overrides) -> SelectionMetadata:
     return SelectionMetadata(**values)
 
 
-def _write(path: Path, meta: SelectionMetadata | None = None) -> SelectionStore:
+def _write(
+    path: Path, meta: SelectionMetadata | None = None, *, finish: bool = True
+) -> SelectionStore:
+    """Rounds at epochs 0 and 3 of 6; `finish=False` is a run killed after its second round."""
     store = SelectionStore.create(path, meta or _meta())
     store.append(Selection(torch.arange(10), torch.full((10,), 0.5), epoch=0, seconds=0.25))
     store.append(Selection(torch.arange(5, 15), torch.linspace(0, 2, 10), epoch=3))
+    if finish:
+        store.finish()
     return store
 
 
@@ -47,7 +52,7 @@ def test_text_report(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "mnist1d" in out and "N=50" in out and "random" in out and "fraction=0.2" in out
-    assert "epochs=6" in out and "format 1" in out
+    assert "epochs=6" in out and "format 2" in out and "incomplete" not in out
     assert "% of N" in out and "jaccard" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert rows[0][:5] == ["0", "0", "10", "20.0", "0.25"]
@@ -66,6 +71,34 @@ def test_json_report(tmp_path: Path) -> None:
     assert [r["epoch"] for r in summary["rounds"]] == [0, 3]
     assert summary["rounds"][1]["weight_max"] == pytest.approx(2.0)
     assert summary["rounds"][1]["jaccard_prev"] == pytest.approx(1 / 3)
+    assert summary["complete"] is True and summary["span"] == 6 and summary["warnings"] == []
+
+
+def test_incomplete_file_is_reported(tmp_path: Path) -> None:
+    """A killed run's file says so, in the text report and in --json (select_every 2)."""
+    from subsetsel.cli import main
+
+    path = tmp_path / "killed.h5"
+    _write(path, _meta(strategy_params={"fraction": 0.2, "select_every": 2}), finish=False)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "  rounds    2\n  incomplete: rounds up to epoch 3 of 6 (" in result.output
+    assert "cover epochs 0-4" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["complete"] is False and summary["span"] == 5
+    assert summary["warnings"][0].startswith("incomplete: rounds up to epoch 3 of 6")
+
+
+def test_incomplete_file_without_rounds(tmp_path: Path) -> None:
+    from subsetsel.cli import main
+
+    path = tmp_path / "early.h5"
+    SelectionStore.create(path, _meta())
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "incomplete: no rounds of 6 epochs" in result.output
 
 
 def test_bare_name_is_looked_up_in_selections(tmp_path: Path, monkeypatch) -> None:

@@ -68,7 +68,8 @@ def _labels(store: SelectionStore) -> torch.Tensor:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The human-readable report: a metadata header and a table of rounds."""
+    """The human-readable report: a metadata header, warnings (an incomplete file) and a table
+    of rounds."""
     meta = summary["metadata"]
     n = meta["dataset_size"]
     params = ", ".join(f"{k}={v}" for k, v in sorted(meta["strategy_params"].items()))
@@ -79,9 +80,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  strategy  {meta['strategy']}" + (f"  ({params})" if params else ""),
         f"  model     {meta['model']}  seed={meta['seed']}  epochs={meta['epochs']}",
         f"  created   {meta['created']}  subsetsel {meta['package_version']}  "
-        f"format {meta['format_version']}",
+        f"format {meta['format_version']}" + (f"  id {meta['file_id']}" if meta["file_id"] else ""),
         f"  rounds    {len(summary['rounds'])}",
     ]
+    lines += [f"  {warning}" for warning in summary["warnings"]]
     rows = summary["rounds"]
     if not rows:
         return "\n".join(lines)
