@@ -598,3 +598,65 @@ def test_replayed_runs_are_matched_with_random_at_the_file_settings(real_runs):
         assert cached.time_vs_random == pytest.approx(
             cached.time_to_target.mean / rows["random-f0.3"].time_to_target.mean)
     assert rows["full"].random is None
+
+
+# ---- scripts/bench_target.py ---------------------------------------------------------------------
+SCRIPTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture
+def bench_target(monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    return importlib.import_module("bench_target")
+
+
+def test_bench_target_defaults_are_the_product_table(bench_target):
+    args = bench_target.parse_args([])
+    assert args.variants == ["0.1:20", "0.3:20"] and args.seeds == [0, 1, 2]
+    assert args.epochs == 20 and args.select_every == 5 and args.train_size is None
+    assert args.tolerance == 0.01 and str(args.root) == "runs/target"
+    assert bench_target.controls(args.gm) == ["random", "randompb"]
+    quick = bench_target.parse_args(["--quick", "--seeds", "3"])
+    assert quick.seeds == [3] and quick.epochs == 4 and quick.variants == ["0.1:4", "0.3:4"]
+    assert quick.train_size == 2000 and quick.max_wait == 0 and str(quick.root) != "runs/target"
+    assert bench_target.controls(["gradmatch"]) == ["random"]
+
+
+def test_bench_target_end_to_end(bench_target, tmp_path, capsys):
+    """One invocation runs full, random/randompb, Grad-Match and replays per variant and seed
+    and prints the product table with the time-vs-random and select-share columns."""
+    root = tmp_path / "target"
+    argv = ["--root", str(root), "--seeds", "0", "1", "--epochs", "2", "--train-size", "300",
+            "--test-size", "100", "--select-every", "1", "--tolerance", "0.6", "--max-wait", "0"]
+    bench_target.main(argv)
+    out = capsys.readouterr().out
+    assert "| time / random |" in out and "| select % |" in out
+    assert "product target (10 % subset, 2 epochs, within 60 points of full data" in out
+    results = json.loads((root / "target.json").read_text())["results"]
+    assert list(results) == ["f0.1-e2", "f0.3-e2"]
+    for slug, fraction in (("f0.1-e2", "0.1"), ("f0.3-e2", "0.3")):
+        rows = {r["method"]: r for r in results[slug]}
+        assert list(rows) == ["full", "random", "randompb", "gradmatch", "gradmatchpb",
+                              "cached-gradmatch", "cached-gradmatchpb"]
+        assert all(r["runs"] == 2 for r in rows.values())
+        assert rows["gradmatch"]["random_match"] == f"random-f{fraction}"
+        assert rows["cached-gradmatch"]["random_match"] == f"random-f{fraction}"
+        assert rows["gradmatchpb"]["random_match"] == f"randompb-f{fraction}"
+        assert rows["full"]["random_match"] is None
+        assert 0 < rows["gradmatch"]["select_share"]["mean"] < 1
+        assert rows["cached-gradmatch"]["select_share"]["mean"] < 0.1  # replay: no selection
+        for r in rows.values():  # A is below every accuracy: every method has its ratio
+            if r["method"] != "full":
+                assert r["vs_random_cell"] == ("-" if r["method"].startswith("random") else
+                                               f"{r['time_vs_random']:.2f}")
+            if r["time_vs_random"] is not None:
+                assert r["time_vs_random"] == pytest.approx(
+                    r["time_to_target"]["mean"] / r["random_time_to_target"]["mean"])
+    commands = (root / "commands.txt").read_text().splitlines()
+    assert len(commands) == 2 + 2 * 2 * 6  # full per seed; 6 methods per variant and seed
+    bench_target.main(argv)  # finished runs are reused
+    again = capsys.readouterr().out
+    assert " s (select " in out and " s (select " not in again and "product target" in again
+    assert json.loads((root / "target.json").read_text())["results"] == results
