@@ -19,6 +19,11 @@ config.json and log.jsonl (one JSON record per logged epoch). The rules, in shor
   runs, defined only when every run reaches A.
 - Speedup = reference mean time to A / method mean time to A (ratio of means); the same with
   backprops gives a speedup that does not depend on machine load.
+- Does selecting pay: select share = select seconds / elapsed seconds per run (mean ± std over
+  runs); time vs random = method mean time to A / mean time to A of its random control (the
+  group whose settings are the method's with the strategy swapped for `random`, or `randompb`
+  for per-batch strategies; see `random_control`), defined only when both reach A in every run.
+- Logs are read strictly: NaN/Infinity tokens and epochs that do not increase are refused.
 
 Accuracies are fractions in [0, 1] throughout (the table prints percent).
 """
@@ -867,8 +872,8 @@ def vs_random_cell(row: Row) -> str:
 def _legend(row: Row) -> str:
     """Plot legend entry: label, runs, share of time selecting, time vs random when defined."""
     parts = [f"n={len(row.group.runs)}"]
-    if row.select_share is not None and row.select_share.mean > 0:
-        parts.append(f"select {100 * row.select_share.mean:.0f} %")
+    if row.select_share is not None and round(100 * row.select_share.mean) > 0:
+        parts.append(f"select {100 * row.select_share.mean:.0f} %")  # left out when it rounds to 0
     cell = vs_random_cell(row)
     if row.random is not None and row.random is not row.group and cell != "-":
         parts.append(f"{cell}x random's time to A" if row.time_vs_random is not None else cell)
