@@ -19,6 +19,11 @@ config.json and log.jsonl (one JSON record per logged epoch). The rules, in shor
   runs, defined only when every run reaches A.
 - Speedup = reference mean time to A / method mean time to A (ratio of means); the same with
   backprops gives a speedup that does not depend on machine load.
+- Does selecting pay: select share = select seconds / elapsed seconds per run (mean ± std over
+  runs); time vs random = method mean time to A / mean time to A of its random control (the
+  group whose settings are the method's with the strategy swapped for `random`, or `randompb`
+  for per-batch strategies; see `random_control`), defined only when both reach A in every run.
+- Logs are read strictly: NaN/Infinity tokens and epochs that do not increase are refused.
 
 Accuracies are fractions in [0, 1] throughout (the table prints percent).
 """
@@ -27,13 +32,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from subsetsel.errors import first_line
+from subsetsel.errors import NonFiniteError, first_line
 
 ACC_SLACK = 1e-9  # accuracy >= A - ACC_SLACK counts as reaching A
 DEFAULT_TOLERANCE = 0.01
@@ -115,6 +121,13 @@ class Run:
         return float(self.records[-1]["elapsed_seconds"])
 
     @property
+    def select_share(self) -> float | None:
+        """Fraction of the select + train seconds spent selecting, in [0, 1] (None when the run
+        logged no time at all)."""
+        elapsed = self.elapsed_seconds
+        return self.select_seconds / elapsed if elapsed > 0 else None
+
+    @property
     def total_backpropagated(self) -> int | None:
         return self.records[-1].get("total_backpropagated")
 
@@ -149,9 +162,11 @@ def read_run(path: str | Path, replay_cache: dict[str, Any] | None = None) -> Ru
     if not config_path.is_file():
         raise RunDirError(f"{folder}: no config.json, not a subsetsel run directory")
     try:
-        info = json.loads(config_path.read_text())
+        info = strict_json(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RunDirError(f"{config_path}: unreadable ({first_line(err)})") from None
+    except NonFiniteError as err:
+        raise RunDirError(f"{config_path}: not strict JSON ({err})") from None
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
         raise RunDirError(f"{config_path}: has no 'config' object")
     records = read_records(log_path)
@@ -165,31 +180,60 @@ def read_run(path: str | Path, replay_cache: dict[str, Any] | None = None) -> Ru
     return run
 
 
+def strict_json(text: str) -> Any:
+    """`json.loads` that refuses what strict JSON has no words for: the NaN, Infinity and
+    -Infinity tokens (Python's json module accepts them by default) and numbers too large for a
+    float (1e999 would become inf). Raises NonFiniteError naming the token."""
+
+    def constant(token: str) -> float:
+        raise NonFiniteError(f"{token} is not a JSON number")
+
+    def number(token: str) -> float:
+        value = float(token)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{token} overflows a float")
+        return value
+
+    return json.loads(text, parse_constant=constant, parse_float=number)
+
+
 def read_records(log_path: Path) -> list[dict[str, Any]]:
     """The records of a log.jsonl. A last line without a newline that does not parse is a write
-    in progress and is skipped; any other bad line raises RunDirError."""
+    in progress and is skipped; any other bad line (not JSON, NaN/Infinity tokens, not an object,
+    missing numbers, an epoch not above the previous line's) raises RunDirError naming the file
+    and line."""
     try:
         text = log_path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise RunDirError(f"{log_path}: unreadable ({first_line(err)})") from None
     lines = text.split("\n")
     records: list[dict[str, Any]] = []
+    previous: tuple[int, float] | None = None  # (line number, epoch) of the last record
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = strict_json(line)
         except json.JSONDecodeError:
             if number == len(lines):  # no newline after it: still being written
                 continue
             raise RunDirError(f"{log_path}: line {number} is not valid JSON") from None
+        except NonFiniteError as err:
+            raise RunDirError(f"{log_path}: line {number} is not strict JSON ({err})") from None
         if not isinstance(record, dict):
             raise RunDirError(f"{log_path}: line {number} is not a JSON object")
-        missing = [k for k in _REQUIRED if not isinstance(record.get(k), (int, float))]
+        missing = [k for k in _REQUIRED if not _is_number(record.get(k))]
         if missing == ["test_acc"] and record.get("test_acc", 0) is None:
             missing = []  # an epoch without evaluation (--eval-every, `subsetsel select`)
         if missing:
             raise RunDirError(f"{log_path}: line {number} lacks numeric {', '.join(missing)}")
+        if previous is not None and not record["epoch"] > previous[1]:
+            raise RunDirError(
+                f"{log_path}: line {number} logs epoch {_num(record['epoch'])} after epoch "
+                f"{_num(previous[1])} (line {previous[0]}); epochs must increase (two runs "
+                "writing one folder?)"
+            )
+        previous = (number, record["epoch"])
         records.append(record)
     if not records:
         raise RunDirError(f"{log_path}: no epoch records (empty log)")
@@ -198,8 +242,13 @@ def read_records(log_path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _replay_source(path: str) -> dict[str, Any] | None:
-    """Strategy, fraction, warm start and model of a replayed selection file (None if gone)."""
+    """Strategy, fraction, warm start, model and selection interval of a replayed selection file
+    (None if gone)."""
     from subsetsel.store import SelectionFileError, SelectionStore
 
     try:
@@ -211,6 +260,8 @@ def _replay_source(path: str) -> dict[str, Any] | None:
         "fraction": meta.config.get("fraction"),
         "warm_start": meta.strategy_params.get("warm_start", meta.config.get("warm_start", 0.0)),
         "model": meta.model,
+        "select_every": meta.strategy_params.get("select_every",
+                                                 meta.config.get("select_every")),
     }
 
 
@@ -334,6 +385,70 @@ def match_references(groups: Sequence[Group], references: Sequence[Group]) -> di
     return chosen
 
 
+# per-batch strategies pick whole mini-batches: their random control picks random mini-batches
+RANDOM_CONTROLS = {"gradmatchpb": "randompb", "randompb": "randompb"}
+DEFAULT_RANDOM_CONTROL = "random"
+
+
+def random_control(strategy: str) -> str | None:
+    """The random strategy a subset strategy is judged against: `randompb` for the per-batch
+    strategies (`gradmatchpb`, `randompb`), `random` for every other one, None for `full`."""
+    if strategy == "full":
+        return None
+    return RANDOM_CONTROLS.get(strategy, DEFAULT_RANDOM_CONTROL)
+
+
+def _random_twin(ident: dict[str, Any]) -> dict[str, str] | None:
+    """The (comparable) identity of the random-subset control of a method: its identity with the
+    strategy swapped for its random control (a replayed run: for the control of the strategy
+    that made the file, at that file's fraction, warm start and selection interval). Strategy
+    options are left out (random has none to match). None when there is no control (full data,
+    one-pass, a replay whose file is gone)."""
+    if ident.get("kind") != "train":
+        return None
+    twin = {k: v for k, v in ident.items() if not _is_strategy_option(k)}
+    if "replay_strategy" in ident:
+        control = random_control(str(ident["replay_strategy"]))
+        for key in [k for k in twin if k.startswith("replay_")]:
+            twin.pop(key)
+        twin.update({"fraction": ident.get("replay_fraction"),
+                     "warm_start": ident.get("replay_warm_start"),
+                     "select_every": ident.get("replay_select_every")})
+    elif "replay_file" in ident or "strategy" not in ident:
+        return None
+    else:
+        control = random_control(str(ident["strategy"]))
+    if control is None:
+        return None
+    twin["strategy"] = control
+    return _comparable(twin)
+
+
+def _is_strategy_option(key: str) -> bool:
+    return key == "strategy_params" or key.startswith("strategy_params.")
+
+
+def _comparable(ident: dict[str, Any]) -> dict[str, str]:
+    return {k: _text(v) for k, v in ident.items() if not _is_strategy_option(k)}
+
+
+def match_random(groups: Sequence[Group]) -> dict[int, Group]:
+    """{id(group): its random control group} for every group whose control is among `groups`:
+    the group of plain (not replayed) runs whose settings equal the method's with the strategy
+    swapped (see `_random_twin`). A random group is its own control. When several groups would
+    match (they differ only in strategy options), none is chosen."""
+    comparable = [(g, _comparable(g.identity)) for g in groups]
+    matches: dict[int, Group] = {}
+    for g in groups:
+        twin = _random_twin(g.identity)
+        if twin is None:
+            continue
+        hits = [h for h, ident in comparable if ident == twin]
+        if len(hits) == 1:
+            matches[id(g)] = hits[0]
+    return matches
+
+
 # ---- the math ----------------------------------------------------------------------------------
 def first_reach(records: Sequence[dict[str, Any]], target: float, key: str) -> float | None:
     """`record[key]` of the first record with test_acc >= target (ACC_SLACK allowed), or None
@@ -384,6 +499,11 @@ class Row:
     speedup_backprops: float | None = None
     steps_to_target: Stat | None = None  # optimizer steps to the target
     speedup_steps: float | None = None
+    select_share: Stat | None = None  # select seconds / select+train seconds, over runs
+    random: Group | None = None  # the random control group (same settings, strategy swapped)
+    random_times: list[float | None] = field(default_factory=list)  # its runs' seconds to target
+    random_time_to_target: Stat | None = None
+    time_vs_random: float | None = None  # method mean time to A / random mean time to A
 
     @property
     def label(self) -> str:
@@ -396,6 +516,24 @@ class Row:
     @property
     def reached(self) -> int:
         return sum(t is not None for t in self.times)
+
+    @property
+    def random_reached(self) -> int | None:
+        """How many runs of the random control reach this row's target (None: no control)."""
+        return None if self.random is None else sum(t is not None for t in self.random_times)
+
+    @property
+    def vs_random_status(self) -> str:
+        """Why `time_vs_random` is (un)defined: 'ratio', 'no random runs', 'method does not
+        reach A' (some run of the method misses A) or 'random does not reach A' (some run of the
+        control misses it)."""
+        if self.random is None:
+            return "no random runs"
+        if self.time_to_target is None:
+            return "method does not reach A"
+        if self.random_time_to_target is None:
+            return "random does not reach A"
+        return "ratio"
 
 
 @dataclass
@@ -461,7 +599,17 @@ def build_report(
                  for r, t in zip(g.runs, times, strict=True)]
         row = Row(g, ref, goal, times, bps, Stat.of(times), Stat.of(bps))
         row.steps_to_target = Stat.of(steps)
+        row.select_share = Stat.of(r.select_share for r in g.runs)
         report.rows.append(row)
+    controls = match_random(groups)
+    for row in report.rows:
+        row.random = controls.get(id(row.group))
+        if row.random is None or row.target is None:
+            continue
+        row.random_times = [first_reach(r.records, row.target, "elapsed_seconds")
+                            for r in row.random.runs]
+        row.random_time_to_target = Stat.of(row.random_times)
+        row.time_vs_random = _ratio(row.time_to_target, row.random_time_to_target)
     by_group = {id(row.group): row for row in report.rows}
     for row in report.rows:
         if row.reference is None:
@@ -520,13 +668,20 @@ def row_to_json(row: Row) -> dict[str, Any]:
         "speedup_steps": row.speedup_steps,
         "select_seconds": _stat_json(Stat.of(r.select_seconds for r in runs)),
         "elapsed_seconds": _stat_json(Stat.of(r.elapsed_seconds for r in runs)),
+        "select_share": _stat_json(row.select_share),
+        "random_match": row.random.label if row.random is not None else None,
+        "random_reached": row.random_reached,
+        "random_time_to_target": _stat_json(row.random_time_to_target),
+        "time_vs_random": row.time_vs_random,
+        "vs_random_status": row.vs_random_status,
         "total_backpropagated": _stat_json(Stat.of(r.total_backpropagated for r in runs)),
         "storage_pct": _stat_json(Stat.of(r.storage_pct for r in runs)),
         "compute_pct": _stat_json(Stat.of(r.compute_pct for r in runs)),
         "per_run": [
             {"path": r.path, "seed": r.seed, "final_acc": r.final_acc, "best_acc": r.best_acc,
              "time_to_target": t, "backprops_to_target": b, "select_seconds": r.select_seconds,
-             "elapsed_seconds": r.elapsed_seconds, "epochs_logged": len(r.records),
+             "elapsed_seconds": r.elapsed_seconds, "select_share": r.select_share,
+             "epochs_logged": len(r.records),
              "complete": r.complete}
             for r, t, b in zip(runs, row.times, row.backprops, strict=True)
         ],
@@ -550,7 +705,8 @@ CSV_COLUMNS = (
     "backprops_to_target_mean", "steps_to_target_mean", "speedup_time", "speedup_backprops",
     "speedup_steps", "select_seconds_mean",
     "select_seconds_std", "elapsed_seconds_mean", "elapsed_seconds_std", "storage_pct_mean",
-    "compute_pct_mean", "paths",
+    "compute_pct_mean", "paths", "select_share_mean", "select_share_std", "random_match",
+    "random_time_to_target_mean", "time_vs_random", "vs_random_status",
 )
 
 
@@ -567,10 +723,12 @@ def write_csv(report: Report, path: str | Path) -> None:
                 "speedup_time": j["speedup_time"], "speedup_backprops": j["speedup_backprops"],
                 "speedup_steps": j["speedup_steps"],
                 "paths": ";".join(r.path for r in row.group.runs),
+                "random_match": j["random_match"], "time_vs_random": j["time_vs_random"],
+                "vs_random_status": j["vs_random_status"],
             }
             for key in ("final_acc", "best_acc", "time_to_target", "backprops_to_target",
                         "steps_to_target", "select_seconds", "elapsed_seconds", "storage_pct",
-                        "compute_pct"):
+                        "compute_pct", "select_share", "random_time_to_target"):
                 stat = j[key] or {}
                 flat[f"{key}_mean"] = stat.get("mean")
                 flat[f"{key}_std"] = stat.get("std")
@@ -597,13 +755,17 @@ def format_table(report: Report) -> str:
     onepass = any(r.storage_pct is not None for row in report.rows for r in row.group.runs)
     several_targets = len({row.target for row in report.rows}) > 1
     several_refs = len({id(row.reference) for row in report.rows}) > 1
+    vs_random = any(row.random is not None for row in report.rows)
     header = ["method", "runs"]
     if several_refs:
         header.append("reference")
     if several_targets:
         header.append("A %")
     header += ["final acc %", "best acc %", "time to A s", "speedup", "backprops to A",
-               "speedup bp", "speedup steps", "select s", "elapsed s"]
+               "speedup bp", "speedup steps"]
+    if vs_random:
+        header.append("time/random")
+    header += ["select s", "select %", "elapsed s"]
     if onepass:
         header += ["storage %", "compute %"]
     lines = []
@@ -622,7 +784,12 @@ def format_table(report: Report) -> str:
             _reach_cell(row, row.backprops_to_target, 1, 0),
             _x(row.speedup_backprops),
             _x(row.speedup_steps),
+        ]
+        if vs_random:
+            cells.append(vs_random_cell(row))
+        cells += [
             _fmt(Stat.of(r.select_seconds for r in runs), 1, 2),
+            _fmt(row.select_share, 100, 1),
             _fmt(Stat.of(r.elapsed_seconds for r in runs), 1, 2),
         ]
         if onepass:
@@ -638,7 +805,10 @@ def format_table(report: Report) -> str:
     intro = [
         f"target: {target_rule(report)}",
         "time to A: select+train seconds at the first logged epoch with test accuracy >= A; "
-        "speedup = reference time to A / method time to A (means over runs)",
+        "speedup = reference time to A / method time to A (means over runs); "
+        "select % = select s / elapsed s"
+        + ("; time/random = method time to A / time to A of random subsets at the same settings "
+           "(< 1: selecting pays)" if vs_random else ""),
         "",
     ]
     return "\n".join(intro + table)
@@ -658,7 +828,7 @@ def plot_report(report: Report, path: str | Path) -> None:
     for row, color in zip(report.rows, colors, strict=True):
         style = "--" if row.is_reference else "-"
         for i, run in enumerate(row.group.runs):
-            label = f"{row.label} (n={len(row.group.runs)})" if i == 0 else None
+            label = _legend(row) if i == 0 else None
             records = run.evaluated
             acc = [100 * float(r["test_acc"]) for r in records]
             ax_time.plot([r["elapsed_seconds"] for r in records], acc, style, color=color,
@@ -685,7 +855,31 @@ def plot_report(report: Report, path: str | Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def vs_random_cell(row: Row) -> str:
+    """The text cell for `time_vs_random`: the ratio ('0.80'), '-' when there is no random
+    control or the method itself misses A, 'random never reaches A' / 'random k/n reach A' when
+    the control misses it."""
+    status = row.vs_random_status
+    if status == "ratio" and row.time_vs_random is not None:
+        return f"{row.time_vs_random:.2f}"
+    if status == "random does not reach A":
+        k, n = row.random_reached, len(row.random_times)
+        return "random never reaches A" if k == 0 else f"random {k}/{n} reach A"
+    return "-"
+
+
 # ---- formatting helpers ------------------------------------------------------------------------
+def _legend(row: Row) -> str:
+    """Plot legend entry: label, runs, share of time selecting, time vs random when defined."""
+    parts = [f"n={len(row.group.runs)}"]
+    if row.select_share is not None and round(100 * row.select_share.mean) > 0:
+        parts.append(f"select {100 * row.select_share.mean:.0f} %")  # left out when it rounds to 0
+    cell = vs_random_cell(row)
+    if row.random is not None and row.random is not row.group and cell != "-":
+        parts.append(f"{cell}x random's time to A" if row.time_vs_random is not None else cell)
+    return f"{row.label} ({', '.join(parts)})"
+
+
 def _reach_cell(row: Row, stat: Stat | None, scale: float, digits: int) -> str:
     n = len(row.times)
     if row.reached == 0:
@@ -741,6 +935,6 @@ def _key(path: str | Path) -> str:
 __all__ = [
     "Group", "Report", "ReportError", "Row", "Run", "RunDirError", "Stat", "base_label",
     "build_report", "default_target", "first_reach", "format_table", "group_runs", "identity",
-    "is_full_data", "match_references", "plot_report", "read_records", "read_run",
-    "report_to_json", "write_csv",
+    "is_full_data", "match_random", "match_references", "plot_report", "random_control",
+    "read_records", "read_run", "report_to_json", "strict_json", "vs_random_cell", "write_csv",
 ]

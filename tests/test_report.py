@@ -406,3 +406,257 @@ def test_runs_with_unevaluated_epochs(tmp_path):
                       extra={0: {"test_acc": None}})
     with pytest.raises(RunDirError, match="no epoch was evaluated"):
         load(never)
+
+
+# ---- strict logs ---------------------------------------------------------------------------------
+def _log_lines(*records):
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def test_interleaved_or_repeated_epochs_are_refused(tmp_path):
+    """Two runs writing one folder interleave their epochs (0, 1, 0, 2, 1, 2): refused."""
+    run = write_run(tmp_path / "a", [0.5, 0.6], [1, 2], strategy="full")
+    rec = [{"epoch": e, "test_acc": 0.5, "elapsed_seconds": s}
+           for e, s in [(0, 1), (1, 2), (0, 1.5), (2, 3), (1, 3), (2, 4)]]
+    (run / "log.jsonl").write_text(_log_lines(*rec))
+    with pytest.raises(RunDirError, match=r"line 3 logs epoch 0 after epoch 1 \(line 2\)"):
+        read_run(run)
+    (run / "log.jsonl").write_text(_log_lines(rec[0], rec[0]))  # a repeated epoch
+    with pytest.raises(RunDirError, match="line 2 logs epoch 0 after epoch 0"):
+        read_run(run)
+    (run / "log.jsonl").write_text(_log_lines(rec[0], {**rec[0], "epoch": True}))
+    with pytest.raises(RunDirError, match="line 2 lacks numeric epoch"):  # a bool is no epoch
+        read_run(run)
+    # blank lines and a write in progress do not count; increasing gaps (resume) are fine
+    (run / "log.jsonl").write_text(_log_lines(rec[0]) + "\n" + _log_lines(rec[3])
+                                   + '{"epoch": 1, "te')
+    assert [r["epoch"] for r in read_run(run).records] == [0, 2]
+    (run / "log.jsonl").write_text(_log_lines(*rec))
+    result = _invoke(["report", str(run)])
+    _assert_one_line_error(result, 1, f"{run / 'log.jsonl'}: line 3 logs epoch 0 after epoch 1")
+    assert "two runs writing one folder" in result.output
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_strict_json_lines_are_refused(tmp_path, token):
+    run = write_run(tmp_path / "a", [0.5, 0.6], [1, 2], strategy="full")
+    good = '{"epoch": 0, "test_acc": 0.5, "elapsed_seconds": 1}\n'
+    bad = '{"epoch": 1, "test_acc": 0.6, "elapsed_seconds": 2, "train_loss": ' + token + "}"
+    assert not math.isfinite(json.loads(bad)["train_loss"])  # Python's json takes it
+    for text in (good + bad + "\n", good + bad):  # even as a last line without a newline
+        (run / "log.jsonl").write_text(text)
+        with pytest.raises(RunDirError, match=f"line 2 is not strict JSON.*{token}"):
+            read_run(run)
+    result = _invoke(["report", str(run)])
+    _assert_one_line_error(result, 1, f"{run / 'log.jsonl'}: line 2 is not strict JSON")
+    (run / "log.jsonl").write_text(good)
+    meta = (run / "config.json").read_text().replace('"lr": 0.05', f'"lr": {token}')
+    (run / "config.json").write_text(meta)
+    _assert_one_line_error(_invoke(["report", str(run)]), 1, "config.json: not strict JSON")
+
+
+# ---- does selection pay: share of time selecting, time vs random --------------------------------
+def test_random_control_of_each_strategy():
+    from subsetsel.report import random_control
+
+    assert random_control("gradmatch") == "random" and random_control("random") == "random"
+    assert random_control("gradmatchpb") == "randompb" and random_control("randompb") == "randompb"
+    assert random_control("full") is None
+
+
+@pytest.fixture
+def vs_random_runs(tmp_path):
+    """Full data (A = 0.92 - 0.01 = 0.91, reached at 40 s) and methods with and without their
+    random controls among the runs."""
+    t = tmp_path
+    sub = dict(fraction=0.1)
+    return load(
+        write_run(t / "full", [0.6, 0.8, 0.9, 0.92], [10, 20, 30, 40], strategy="full"),
+        # random 10 %: 4 s and 3 s to A (mean 3.5)
+        write_run(t / "r0", [0.7, 0.91], [2, 4], strategy="random", seed=0, **sub),
+        write_run(t / "r1", [0.91], [3], strategy="random", seed=1, **sub),
+        # gradmatch 10 %: 2 s and 3 s to A (mean 2.5); select 1/2 and 1/3 of the time
+        write_run(t / "g0", [0.92], [2], select=[1.0], strategy="gradmatch", seed=0, **sub),
+        write_run(t / "g1", [0.5, 0.95], [1, 3], select=[0.5, 0.5], strategy="gradmatch",
+                  seed=1, **sub),
+        # per-batch: gradmatchpb's control is randompb, which never reaches A
+        write_run(t / "pb", [0.93], [1], select=[0.25], strategy="gradmatchpb", **sub),
+        write_run(t / "rpb", [0.5], [1], strategy="randompb", **sub),
+        # 30 %: no random 30 % run
+        write_run(t / "g30", [0.95], [5], strategy="gradmatch", fraction=0.3),
+        # 20 %: random reaches A in one seed of two
+        write_run(t / "g20", [0.95], [5], strategy="gradmatch", fraction=0.2),
+        write_run(t / "r20a", [0.95], [1], strategy="random", fraction=0.2, seed=0),
+        write_run(t / "r20b", [0.5], [1], strategy="random", fraction=0.2, seed=1),
+        # another schedule (select every epoch): random 10 % above selects every 5, no match
+        write_run(t / "g1x", [0.95], [5], strategy="gradmatch", select_every=1, **sub),
+    )
+
+
+def test_time_vs_random_and_select_share(vs_random_runs):
+    report = build_report(vs_random_runs)
+    rows = {row.label: row for row in report.rows}
+    full, rand, gm = rows["full"], rows["random-f0.1"], rows["gradmatch-f0.1 [select_every=5]"]
+    assert full.target == pytest.approx(0.91) and rand.times == [4.0, 3.0]
+    assert gm.random is rand.group and gm.times == [2.0, 3.0]
+    assert gm.time_vs_random == pytest.approx(2.5 / 3.5) and gm.vs_random_status == "ratio"
+    assert gm.random_time_to_target.mean == 3.5 and gm.random_reached == 2
+    assert gm.select_share.mean == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert gm.select_share.std == pytest.approx(math.sqrt(2) * (1 / 2 - 1 / 3) / 2)
+    assert rand.random is rand.group and rand.time_vs_random == 1.0  # its own control
+    assert rand.select_share.mean == 0.0
+    # full data has no random control; gradmatch every epoch has none among the runs
+    assert full.random is None and full.vs_random_status == "no random runs"
+    assert rows["gradmatch-f0.1 [select_every=1]"].random is None
+    assert rows["gradmatch-f0.3"].random is None and rows["gradmatch-f0.3"].time_vs_random is None
+    # gradmatchpb is judged against randompb (never reaching A), not against random
+    pb = rows["gradmatchpb-f0.1"]
+    assert pb.random is rows["randompb-f0.1"].group and pb.time_to_target.mean == 1.0
+    assert pb.time_vs_random is None and pb.vs_random_status == "random does not reach A"
+    assert pb.random_reached == 0 and pb.select_share.mean == 0.25
+    # randompb itself misses A: "-" however its control does
+    assert rows["randompb-f0.1"].vs_random_status == "method does not reach A"
+    g20 = rows["gradmatch-f0.2"]
+    assert g20.random_reached == 1 and g20.time_vs_random is None
+
+    text = format_table(report)
+    lines = {line.split("  ")[0].strip(): line for line in text.splitlines()[4:]}
+    header = text.splitlines()[3]
+    assert "time/random" in header and "select %" in header and "time/random =" in text
+    assert "0.71" in lines["gradmatch-f0.1 [select_every=5]"]
+    assert "41.7 ± 11.8" in lines["gradmatch-f0.1 [select_every=5]"]  # select %
+    assert "random never reaches A" in lines["gradmatchpb-f0.1"]
+    assert "random 1/2 reach A" in lines["gradmatch-f0.2"]
+    assert "random" not in lines["randompb-f0.1"].split("randompb-f0.1")[1]
+    column = header.index("time/random") + len("time/random")  # cells are right-aligned
+    assert lines["random-f0.1"][:column].endswith(" 1.00")
+    assert lines["gradmatchpb-f0.1"][:column].endswith(" random never reaches A")
+    assert lines["full (ref)"][:column].endswith(" -")
+
+    j = {m["method"]: m for m in report_to_json(report)["methods"]}
+    g = j["gradmatch-f0.1 [select_every=5]"]
+    assert g["random_match"] == "random-f0.1" and g["time_vs_random"] == pytest.approx(2.5 / 3.5)
+    assert g["random_time_to_target"]["mean"] == 3.5 and g["vs_random_status"] == "ratio"
+    assert g["select_share"]["n"] == 2 and g["per_run"][1]["select_share"] == pytest.approx(1 / 3)
+    assert j["gradmatchpb-f0.1"]["random_match"] == "randompb-f0.1"
+    assert j["gradmatchpb-f0.1"]["random_reached"] == 0
+    assert j["full"]["random_match"] is None and j["full"]["vs_random_status"] == "no random runs"
+
+
+def test_no_time_vs_random_column_without_controls(seeded_runs):
+    """Only random runs without a method sharing their settings: the column still shows when a
+    random row is its own control; with no random runs at all it is left out."""
+    header = format_table(build_report(seeded_runs)).splitlines()[3]
+    assert "time/random" in header and "select %" in header
+    no_random = [r for r in seeded_runs if r.config["strategy"] not in ("random", "randompb")]
+    header = format_table(build_report(no_random)).splitlines()[3]
+    assert "time/random" not in header and "select %" in header
+
+
+def test_cli_csv_json_and_plot_carry_the_new_columns(vs_random_runs, tmp_path):
+    dirs = [r.path for r in vs_random_runs]
+    csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
+    result = _invoke(["report", *dirs, "--csv", str(csv_path), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "random never reaches A" in result.output
+    with open(csv_path) as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    g = rows["gradmatch-f0.1 [select_every=5]"]
+    assert float(g["time_vs_random"]) == pytest.approx(2.5 / 3.5)
+    assert float(g["select_share_mean"]) == pytest.approx(5 / 12)
+    assert g["random_match"] == "random-f0.1" and float(g["random_time_to_target_mean"]) == 3.5
+    assert rows["gradmatchpb-f0.1"]["time_vs_random"] == ""
+    assert rows["gradmatchpb-f0.1"]["vs_random_status"] == "random does not reach A"
+    assert rows["full"]["random_match"] == "" and rows["full"]["select_share_mean"] == "0.0"
+    result = _invoke(["report", *dirs, "--json"])
+    methods = {m["method"]: m for m in json.loads(result.stdout)["methods"]}
+    assert methods["gradmatch-f0.2"]["random_reached"] == 1
+    assert png.stat().st_size > 20_000
+
+    from subsetsel.report import _legend
+
+    legends = {row.label: _legend(row) for row in build_report(vs_random_runs).rows}
+    assert legends["gradmatch-f0.1 [select_every=5]"] == (
+        "gradmatch-f0.1 [select_every=5] (n=2, select 42 %, 0.71x random's time to A)")
+    assert legends["full"] == "full (n=1)" and legends["random-f0.1"] == "random-f0.1 (n=2)"
+    assert legends["gradmatchpb-f0.1"] == ("gradmatchpb-f0.1 (n=1, select 25 %, random never "
+                                           "reaches A)")
+    assert legends["randompb-f0.1"] == "randompb-f0.1 (n=1)"
+
+
+def test_replayed_runs_are_matched_with_random_at_the_file_settings(real_runs):
+    """cached-random-f0.3 replays a random 30 % file (select every epoch): its control is the
+    random 30 % run with that schedule and the replay's own training settings."""
+    report = build_report(load(*(real_runs / n for n in ("full-s0", "full-s1", "rand",
+                                                          "cached"))))
+    rows = {row.label: row for row in report.rows}
+    cached = rows["cached-random-f0.3"]
+    assert cached.group.identity["replay_select_every"] == 1
+    assert cached.random is rows["random-f0.3"].group
+    assert cached.random_times == rows["random-f0.3"].times
+    if cached.time_to_target is not None and rows["random-f0.3"].time_to_target is not None:
+        assert cached.time_vs_random == pytest.approx(
+            cached.time_to_target.mean / rows["random-f0.3"].time_to_target.mean)
+    assert rows["full"].random is None
+
+
+# ---- scripts/bench_target.py ---------------------------------------------------------------------
+SCRIPTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture
+def bench_target(monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    return importlib.import_module("bench_target")
+
+
+def test_bench_target_defaults_are_the_product_table(bench_target):
+    args = bench_target.parse_args([])
+    assert args.variants == ["0.1:20", "0.3:20"] and args.seeds == [0, 1, 2]
+    assert args.epochs == 20 and args.select_every == 5 and args.train_size is None
+    assert args.tolerance == 0.01 and str(args.root) == "runs/target"
+    assert bench_target.controls(args.gm) == ["random", "randompb"]
+    quick = bench_target.parse_args(["--quick", "--seeds", "3"])
+    assert quick.seeds == [3] and quick.epochs == 4 and quick.variants == ["0.1:4", "0.3:4"]
+    assert quick.train_size == 2000 and quick.max_wait == 0 and str(quick.root) != "runs/target"
+    assert bench_target.controls(["gradmatch"]) == ["random"]
+
+
+def test_bench_target_end_to_end(bench_target, tmp_path, capsys):
+    """One invocation runs full, random/randompb, Grad-Match and replays per variant and seed
+    and prints the product table with the time-vs-random and select-share columns."""
+    root = tmp_path / "target"
+    argv = ["--root", str(root), "--seeds", "0", "1", "--epochs", "2", "--train-size", "300",
+            "--test-size", "100", "--select-every", "1", "--tolerance", "0.6", "--max-wait", "0"]
+    bench_target.main(argv)
+    out = capsys.readouterr().out
+    assert "| time / random |" in out and "| select % |" in out
+    assert "product target (10 % subset, 2 epochs, within 60 points of full data" in out
+    results = json.loads((root / "target.json").read_text())["results"]
+    assert list(results) == ["f0.1-e2", "f0.3-e2"]
+    for slug, fraction in (("f0.1-e2", "0.1"), ("f0.3-e2", "0.3")):
+        rows = {r["method"]: r for r in results[slug]}
+        assert list(rows) == ["full", "random", "randompb", "gradmatch", "gradmatchpb",
+                              "cached-gradmatch", "cached-gradmatchpb"]
+        assert all(r["runs"] == 2 for r in rows.values())
+        assert rows["gradmatch"]["random_match"] == f"random-f{fraction}"
+        assert rows["cached-gradmatch"]["random_match"] == f"random-f{fraction}"
+        assert rows["gradmatchpb"]["random_match"] == f"randompb-f{fraction}"
+        assert rows["full"]["random_match"] is None
+        assert 0 < rows["gradmatch"]["select_share"]["mean"] < 1
+        assert rows["cached-gradmatch"]["select_share"]["mean"] < 0.1  # replay: no selection
+        for r in rows.values():  # A is below every accuracy: every method has its ratio
+            if r["method"] != "full":
+                assert r["vs_random_cell"] == ("-" if r["method"].startswith("random") else
+                                               f"{r['time_vs_random']:.2f}")
+            if r["time_vs_random"] is not None:
+                assert r["time_vs_random"] == pytest.approx(
+                    r["time_to_target"]["mean"] / r["random_time_to_target"]["mean"])
+    commands = (root / "commands.txt").read_text().splitlines()
+    assert len(commands) == 2 + 2 * 2 * 6  # full per seed; 6 methods per variant and seed
+    bench_target.main(argv)  # finished runs are reused
+    again = capsys.readouterr().out
+    assert " s (select " in out and " s (select " not in again and "product target" in again
+    assert json.loads((root / "target.json").read_text())["results"] == results

@@ -45,6 +45,9 @@ def report_command(
     Speedup = reference time to A / method time to A; "speedup bp" and "speedup
     steps" compare examples backpropagated and optimizer steps instead of seconds
     (independent of machine load).
+    select % = select seconds / select+train seconds. time/random = method time
+    to A / time to A of the random runs with the same settings (randompb for
+    gradmatchpb); < 1: selecting pays. Shown when such runs are given.
     See docs/report.md.
     """
     from subsetsel.report import (
