@@ -139,7 +139,7 @@ def test_random_first_round_never_selects_validation_examples(ctx, cls):
 
 
 def test_picks_per_step_default_and_override(ctx):
-    assert [auto_picks_per_step(k) for k in (0, 1, 32, 33, 200, 5000)] == [1, 1, 1, 2, 7, 157]
+    assert [auto_picks_per_step(k) for k in (0, 1, 16, 17, 200, 5000)] == [1, 1, 1, 2, 13, 313]
     auto = GradMatch(fraction=0.1, seed=0)
     auto.select(ctx)
     budgets = class_budgets(budget(0.1, len(ctx.dataset)), torch.bincount(ctx.dataset.y_train))
