@@ -541,3 +541,32 @@ def test_pool_and_rounds_are_checked():
     one = nonneg_omp(DenseAtoms(a, b), 5)
     pooled = nonneg_omp(DenseAtoms(a, b), 5, pool=4.0)
     assert torch.equal(one.slots, pooled.slots)
+
+
+def test_pool_on_factored_gradient_atoms_is_exact():
+    """The Grad-Match path: LastLayerAtoms (no `gram`, so the pool goes through `add`), batched
+    classes with padding; weights equal nnls on each support, budgets hold, and the supports
+    equal those of the same rows as DenseAtoms scored through `add` too."""
+    from subsetsel.selection.gradients import LastLayerAtoms
+
+    gen = torch.Generator().manual_seed(21)
+    nb, n, c, d = 3, 90, 4, 9
+    delta = torch.softmax(torch.randn(nb, n, c, generator=gen), 2) - 0.5
+    emb = torch.relu(torch.randn(nb, n, d, generator=gen))
+    counts = torch.tensor([90, 70, 84])
+    pad = torch.arange(n).view(1, n, 1) >= counts.view(nb, 1, 1)
+    delta, emb = delta.masked_fill(pad, 0.0), emb.masked_fill(pad, 0.0)
+    rows = torch.cat([delta, (delta.unsqueeze(3) * emb.unsqueeze(2)).flatten(2)], 2)
+    target = rows.double().sum(1)
+    budgets = torch.tensor([16, 9, 20])
+    factored = nonneg_omp(LastLayerAtoms(delta, emb, counts, target, True), budgets, lam=0.5,
+                          picks_per_step=3, **POOLED)
+    dense = nonneg_omp(_NoGram(DenseAtoms(rows, target, counts)), budgets, lam=0.5,
+                       picks_per_step=3, **POOLED)
+    for p in range(nb):
+        support = _support(factored, p)
+        assert torch.equal(support, _support(dense, p))
+        assert _positive(factored, p) == int(budgets[p]) and (support < counts[p]).all()
+        expected = _scipy_weights(rows[p], target[p], support, 0.5)
+        got = factored.weights[p][factored.slots[p] >= 0].numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-6 * expected.max(), rtol=1e-6)

@@ -54,8 +54,8 @@ def auto_picks_per_step(budget: int) -> int:
     Each step's atoms are pruned from a pool of OMP_POOL times as many (`nonneg_omp(...,
     pool=OMP_POOL, rounds=OMP_ROUNDS)`). Measured (docs/gradmatch.md): ~16 steps reach the
     relative residual of one pick per step (mean over random problems and the default job's
-    rounds 0.94-0.97 of it) at 4-10x less OMP time; the earlier default, ceil(budget / 32)
-    top-correlated atoms per step, ended 6-35 % above one pick."""
+    rounds 0.94-0.97 of it) at 3-10x less OMP time; the earlier default, ceil(budget / 32)
+    top-correlated atoms per step, ended 4-46 % above one pick."""
     return max(1, math.ceil(budget / OMP_STEPS))
 
 

@@ -12,7 +12,7 @@ With `picks_per_step` m > 1 a step adds the m unchosen atoms of largest positive
 (generalised OMP; fewer when the budget has less room), so the per-step costs (correlations of
 all n atoms, a solve) are paid about k/m times instead of k times. Top-m correlation is a poor
 block: the m atoms most correlated with r often explain the same direction, and the fit ends
-6-100 % above one pick per step. With `pool` p > 1 (the Grad-Match default) a step instead
+4 % to 2x above one pick per step. With `pool` p > 1 (the Grad-Match default) a step instead
 takes the ceil(p m) unchosen atoms of largest correlation and prunes them to m by backward
 elimination of their joint least-squares fit to r, projected orthogonally to the current
 support (see `_pool_picks`); ~16 such steps end, on average, at or below the residual of one
