@@ -139,14 +139,16 @@ def test_random_first_round_never_selects_validation_examples(ctx, cls):
 
 
 def test_picks_per_step_default_and_override(ctx):
-    assert [auto_picks_per_step(k) for k in (0, 1, 32, 33, 200, 5000)] == [1, 1, 1, 2, 7, 157]
+    assert [auto_picks_per_step(k) for k in (0, 1, 16, 17, 200, 5000)] == [1, 1, 1, 2, 13, 313]
     auto = GradMatch(fraction=0.1, seed=0)
     auto.select(ctx)
     budgets = class_budgets(budget(0.1, len(ctx.dataset)), torch.bincount(ctx.dataset.y_train))
     assert auto.last_info["picks_per_step"] == auto_picks_per_step(int(budgets.max()))
+    picks = auto.last_info["picks_per_step"]
+    assert auto.last_info["omp_mode"] == ("pool" if picks > 1 else "one")
     single = GradMatch(fraction=0.1, seed=0, picks_per_step=1)
     sel = single.select(ctx)
-    assert single.last_info["picks_per_step"] == 1
+    assert single.last_info["picks_per_step"] == 1 and single.last_info["omp_mode"] == "one"
     assert single.last_info["omp_steps"] >= int(budgets.max())  # one atom per step
     assert len(sel) == budget(0.1, len(ctx.dataset))
 
