@@ -330,9 +330,10 @@ def test_pruned_trial_records_its_last_epoch(selection_file, tmp_path):
     study.optimize(Objective(settings), n_trials=1)
     trial = study.trials[0]
     assert trial.state == TrialState.PRUNED
-    assert trial.user_attrs["epochs_run"] == 1 and list(trial.intermediate_values) == [0]
+    result = trial.user_attrs["result"]
+    assert result["epochs_run"] == 1 and list(trial.intermediate_values) == [0]
     log = read_log(trial.user_attrs["run_dir"])
-    assert len(log) == 1 and trial.value == log[0]["test_acc"] == trial.user_attrs["final_acc"]
+    assert len(log) == 1 and trial.value == log[0]["test_acc"] == result["final_acc"]
 
 
 def test_a_failing_trial_is_reported_not_retried(selection_file, tmp_path, monkeypatch):
@@ -446,7 +447,7 @@ def test_two_worker_processes_share_one_study(selection_file, tmp_path):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
-    assert len({t.user_attrs["pid"] for t in complete}) == 2
+    assert len({t.user_attrs["worker"]["pid"] for t in complete}) == 2
     assert all(t.state == TrialState.COMPLETE or t.user_attrs.get("surplus") for t in trials)
 
 
@@ -461,8 +462,8 @@ def test_cli_parallel_workers(selection_file, in_tmp):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
-    assert len({t.user_attrs["pid"] for t in complete}) == 2  # both workers trained
-    assert {t.user_attrs["threads"] for t in complete} == {1}  # --threads (default 1)
+    assert len({t.user_attrs["worker"]["pid"] for t in complete}) == 2  # both workers trained
+    assert {t.user_attrs["worker"]["threads"] for t in complete} == {1}  # --threads (default 1)
     assert len(_rows(in_tmp / "out")) == 4
 
 
@@ -638,12 +639,12 @@ def test_a_failing_configuration_is_tried_once_per_run(selection_file, tmp_path,
         trials = study.trials
         attempts = [t for t in trials if "error" in t.user_attrs]
         assert [t.params for t in attempts] == [{"lr": 0.1}] * run_number
-        assert len({t.user_attrs["session"] for t in attempts}) == run_number
+        assert len({t.user_attrs["worker"]["session"] for t in attempts}) == run_number
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len(complete) == n_trials and all(t.params["lr"] == 0.02 for t in complete)
         repeats = [t for t in trials if "repeat_of" in t.user_attrs]
         assert all(t.user_attrs["repeat_of"] == attempts[-1].number for t in repeats
-                   if t.user_attrs["session"] == attempts[-1].user_attrs["session"])
+                   if t.user_attrs["worker"] == attempts[-1].user_attrs["worker"])
     assert not study.get_trials(states=(TrialState.WAITING,))
 
 
@@ -727,7 +728,8 @@ def test_a_search_trial_reproduces_train_with_the_same_options(in_tmp):
     assert float(row["acc"]) == theirs[-1]["test_acc"]
     assert [e["train_loss"] for e in ours] == [e["train_loss"] for e in theirs]
     assert ours[-1]["test_loss"] == theirs[-1]["test_loss"]
-    assert all(t.user_attrs["threads"] == 1 for t in _study(in_tmp / "out", "sel-grid").trials)
+    trials = _study(in_tmp / "out", "sel-grid").trials
+    assert all(t.user_attrs["worker"]["threads"] == 1 for t in trials)
 
 
 def test_worker_processes_use_the_search_threads(selection_file, tmp_path):
@@ -742,17 +744,17 @@ def test_worker_processes_use_the_search_threads(selection_file, tmp_path):
         _worker_main(settings, 0)  # what each spawned worker runs
     finally:
         torch.set_num_threads(1)
-    assert [t.user_attrs["threads"] for t in _study(tmp_path, "s").trials] == [1]
+    assert [t.user_attrs["worker"]["threads"] for t in _study(tmp_path, "s").trials] == [1]
 
 
 def test_default_space():
     from subsetsel.search import default_space
 
     tpe = default_space(0.05, "tpe")
-    assert [str(p) for p in tpe] == ["lr=log:0.005:0.15", "weight_decay=0,5e-05,0.0005"]
+    assert [str(p) for p in tpe] == ["lr=log:0.005:0.5", "weight_decay=0,5e-05,0.0005"]
     grid = default_space(0.05, "grid")
-    assert [str(p) for p in grid] == ["lr=0.005,0.015,0.05,0.15", "weight_decay=0,5e-05,0.0005"]
-    assert grid_size(grid) == 12
+    assert [str(p) for p in grid] == ["lr=0.005,0.015,0.05,0.15,0.5", "weight_decay=0,0.0005"]
+    assert grid_size(grid) == 10
     with pytest.raises(SearchSpaceError):
         default_space(float("nan"), "tpe")
 
@@ -764,9 +766,9 @@ def test_search_without_param_uses_the_default_space(selection_file, in_tmp):
                       "0.1", "--trials", "2", "--epochs", "1", "--out", "out", "--quiet"])
     assert result.exit_code == 0, result.output
     meta = json.loads((in_tmp / "out" / "results.json").read_text())
-    assert meta["space"] == ["lr=0.01,0.03,0.1,0.3", "weight_decay=0,5e-05,0.0005"]
+    assert meta["space"] == ["lr=0.01,0.03,0.1,0.3,1", "weight_decay=0,0.0005"]
     assert len(meta["trials"]) == 2
-    assert all(t["lr"] in (0.01, 0.03, 0.1, 0.3) for t in meta["trials"])
+    assert all(t["lr"] in (0.01, 0.03, 0.1, 0.3, 1.0) for t in meta["trials"])
 
 
 def test_the_data_are_loaded_once_per_search_process(selection_file, in_tmp, monkeypatch):

@@ -32,9 +32,9 @@ INHERITED = (
               help="A searched option, repeatable: lr=log:1e-3:1e-1 (log range), "
                    "momentum=0.8:0.99 (range), optimizer=sgd,adam (choices). Names: lr, "
                    "weight_decay, momentum, batch_size, epochs, optimizer, schedule, model. "
-                   "Default (none given): lr=log:LR/10:3*LR and weight_decay=0,5e-5,5e-4 "
-                   "around the base --lr LR; with --sampler grid lr=LR*(0.1,0.3,1,3) and the "
-                   "same weight decays (12 configurations).")
+                   "Default (none given): lr=log:LR/10:10*LR and weight_decay=0,5e-5,5e-4 "
+                   "around the base --lr LR; with --sampler grid lr=LR*(0.1,0.3,1,3,10) and "
+                   "weight_decay=0,5e-4 (10 configurations).")
 @click.option("--sampler", type=click.Choice(["grid", "random", "tpe"]), default="tpe",
               show_default=True)
 @click.option("--trials", type=int,

@@ -10,8 +10,8 @@ States, as the search uses them:
 - FAIL otherwise: killed or interrupted; re-queued with the same run folder (`reap_dead_trials`,
   the storage's heartbeat callback, `requeue_interrupted`), at most MAX_RETRY times in a row.
 
-Every trial records the `session` (one run of the search: one `run_search` call and its
-workers) that ran it.
+Every trial records its `worker` (host, pid, torch threads and the `session`: one run of the
+search, i.e. one `run_search` call and its workers) and, once finished, its `result`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ if TYPE_CHECKING:
     import optuna
 
 MAX_RETRY = 3  # a killed trial is re-queued at most this many times in a row
-# user attrs of a trial that describe its worker or its outcome, not its configuration
-_RUN_ATTRS = ("host", "pid", "session", "threads")
-_OUTCOME_ATTRS = ("error", "final_acc", "best_acc", "elapsed_seconds", "epochs_run", "diverged")
+# user attrs of a trial that describe its worker or its outcome, not its configuration (one
+# dict each, so a trial costs few storage commits; the single names are those of older studies)
+_RUN_ATTRS = ("worker", "host", "pid", "session", "threads")
+_RESULT_FIELDS = ("final_acc", "best_acc", "elapsed_seconds", "epochs_run")
+_OUTCOME_ATTRS = ("error", "result", "diverged", *_RESULT_FIELDS)
 
 
 def host_id() -> str:
@@ -50,6 +52,23 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def worker_info(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The `worker` user attr: host, pid, session and torch threads of the process that ran it."""
+    attrs = trial.user_attrs
+    return dict(attrs.get("worker") or {k: attrs[k] for k in _RUN_ATTRS[1:] if k in attrs})
+
+
+def trial_result(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The `result` user attr: final_acc, best_acc, elapsed_seconds (select + train) and
+    epochs_run; empty before the trial finished."""
+    attrs = trial.user_attrs
+    return dict(attrs.get("result") or {k: attrs[k] for k in _RESULT_FIELDS if k in attrs})
+
+
+def session_of(trial: optuna.trial.FrozenTrial) -> str | None:
+    return worker_info(trial).get("session")
 
 
 def config_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -137,8 +156,9 @@ def reap_dead_trials(study: optuna.Study) -> list[int]:
     host, me = host_id(), os.getpid()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or pid == me or _pid_alive(pid):
+        worker = worker_info(t)
+        pid = worker.get("pid")
+        if worker.get("host") != host or pid is None or pid == me or _pid_alive(pid):
             continue
         try:
             changed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
@@ -214,17 +234,21 @@ class StudyCounts:
 
 
 def study_counts(study: optuna.Study, session: str = "") -> StudyCounts:
+    return count_trials(study.get_trials(deepcopy=False), session)
+
+
+def count_trials(trials: Iterable[optuna.trial.FrozenTrial], session: str = "") -> StudyCounts:
     from optuna.trial import TrialState
 
     counts = StudyCounts()
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         if is_counted(t):
             counts.counted += 1
         elif t.state == TrialState.RUNNING:
             counts.running += 1
         elif t.state == TrialState.WAITING:
             counts.waiting += 1
-        elif session and t.user_attrs.get("session") == session and (
+        elif session and session_of(t) == session and (
             is_failed(t) or "repeat_of" in t.user_attrs
         ):
             counts.session_failed += 1
@@ -237,7 +261,7 @@ def session_failures(
     """Configuration -> number of its first trial that failed in `session`."""
     failed: dict[tuple[tuple[str, Any], ...], int] = {}
     for t in trials:
-        if session and t.user_attrs.get("session") == session and is_failed(t):
+        if session and session_of(t) == session and is_failed(t):
             key = config_key(t.params)
             failed[key] = min(failed.get(key, t.number), t.number)
     return failed

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from subsetsel.atomic import atomic_open
-from subsetsel.search.bookkeeping import is_counted, is_failed, latest_failures
+from subsetsel.search.bookkeeping import (
+    is_counted,
+    is_failed,
+    latest_failures,
+    session_of,
+    trial_result,
+)
 from subsetsel.search.space import Param, fmt
 from subsetsel.search.study import SearchError, SearchSettings
 
@@ -93,17 +99,18 @@ def results(
     shown = [t for t in trials if is_counted(t)] + latest_failures(trials)
     rows = []
     for t in shown:
-        seconds = t.user_attrs.get("elapsed_seconds")
+        result = trial_result(t)
+        seconds = result.get("elapsed_seconds")
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
         row.update({p.name: t.params.get(p.name) for p in space})
         row.update(
-            acc=t.user_attrs.get("final_acc", t.value),
-            best_acc=t.user_attrs.get("best_acc"),
+            acc=result.get("final_acc", t.value),
+            best_acc=result.get("best_acc"),
             train_seconds=seconds,
             speedup=(
                 reference.elapsed_seconds / seconds if reference and seconds else None
             ),
-            epochs=t.user_attrs.get("epochs_run"),
+            epochs=result.get("epochs_run"),
             run_dir=t.user_attrs.get("run_dir"),
             error=t.user_attrs.get("error") or t.user_attrs.get("diverged"),
         )
@@ -121,7 +128,7 @@ def failure_summary(study: optuna.Study, session: str = "") -> str | None:
     failed = sorted((t for t in trials if is_failed(t)), key=lambda t: t.number)
     if not failed:
         return None
-    mine = [t for t in failed if session and t.user_attrs.get("session") == session]
+    mine = [t for t in failed if session and session_of(t) == session]
     first = (mine or failed)[0]
     return (f"every trial failed ({len(mine or failed)}); first, trial {first.number}: "
             f"{first.user_attrs['error']}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from subsetsel.atomic import atomic_write_text
 from subsetsel.errors import first_line
 from subsetsel.search.bookkeeping import retry_stale
 from subsetsel.search.space import Param, SearchSpaceError, grid_size
@@ -202,4 +203,4 @@ def claim_out_dir(out_dir: Path, study_name: str) -> None:
                 f"{study_name!r}"
             )
         return
-    marker.write_text(study_name + "\n")
+    atomic_write_text(marker, study_name + "\n")

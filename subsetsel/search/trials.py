@@ -68,10 +68,9 @@ class Objective:
 
         from subsetsel.run import run
 
-        trial.set_user_attr("host", host_id())
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("session", self.session)
-        trial.set_user_attr("threads", torch.get_num_threads())
+        trial.set_user_attr("worker", {"host": host_id(), "pid": os.getpid(),
+                                       "session": self.session,
+                                       "threads": torch.get_num_threads()})
         params = {p.name: p.suggest(trial) for p in self.settings.space}
         self._check_skip(trial, params)
         run_dir = Path(
@@ -118,12 +117,11 @@ class Objective:
         return acc
 
     def _check_skip(self, trial: optuna.trial.Trial, params: dict[str, Any]) -> None:
-        """Raise Skipped (recorded as a `surplus` FAIL) if the trial must not train."""
+        """Raise Skipped (a FAIL whose `surplus` attr says why) if the trial must not train."""
         reason = self._skip_reason(trial, params)
         if reason is None:
             return
-        trial.set_user_attr("surplus", True)
-        trial.set_user_attr("skipped", reason[0])
+        trial.set_user_attr("surplus", reason[0])
         if reason[1] is not None:
             trial.set_user_attr("repeat_of", reason[1])
         raise Skipped(f"trial {trial.number}: {reason[0]}")
@@ -160,10 +158,8 @@ class Objective:
 def _record(
     trial: Any, acc: float | None, best: float | None, seconds: float, epochs: int
 ) -> None:
-    trial.set_user_attr("final_acc", acc)
-    trial.set_user_attr("best_acc", best)
-    trial.set_user_attr("elapsed_seconds", seconds)
-    trial.set_user_attr("epochs_run", epochs)
+    trial.set_user_attr("result", {"final_acc": acc, "best_acc": best,
+                                   "elapsed_seconds": seconds, "epochs_run": epochs})
 
 
 def params_text(params: dict[str, Any]) -> str:

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 from subsetsel.search.bookkeeping import (
     StudyCounts,
     config_key,
+    count_trials,
     is_counted,
     reap_dead_trials,
     requeue_failed,
     requeue_interrupted,
     session_failures,
-    study_counts,
 )
 from subsetsel.search.checks import load_base_dataset, preflight
 from subsetsel.search.space import grid_points
@@ -87,19 +87,19 @@ def work(
     while True:
         with contextlib.suppress(sqlalchemy.exc.OperationalError):  # busy DB: next round
             reap_dead_trials(study)
-        counts = study_counts(study, session)
+        trials = study.get_trials(deepcopy=False)
+        counts = count_trials(trials, session)
         if counts.counted >= settings.n_trials:
             return ran
         if not counts.waiting and (
             counts.counted + counts.running >= settings.n_trials
-            or not _anything_left(study, settings, session, counts)
+            or not _anything_left(study, trials, settings, session, counts)
         ):
             if not counts.running:
                 return ran
             time.sleep(poll)  # the last trials run elsewhere; wait for them (or their death)
             continue
-        total = len(study.get_trials(deepcopy=False))
-        study.sampler = make_sampler(settings, salt=total * 1009 + worker)
+        study.sampler = make_sampler(settings, salt=len(trials) * 1009 + worker)
         try:
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -108,7 +108,8 @@ def work(
 
 
 def _anything_left(
-    study: optuna.Study, settings: SearchSettings, session: str, counts: StudyCounts
+    study: optuna.Study, trials: list[optuna.trial.FrozenTrial], settings: SearchSettings,
+    session: str, counts: StudyCounts,
 ) -> bool:
     """Whether this run of the search has a configuration left to try: fewer than `n_trials`
     failures in it, and for the grid a point not done, running, queued or failed in it (queued
@@ -119,8 +120,6 @@ def _anything_left(
         return False
     if settings.sampler != "grid":
         return True
-
-    trials = study.get_trials(deepcopy=False)
     failed = session_failures(trials, session)
     taken = {config_key(t.params) for t in trials
              if is_counted(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)}
