@@ -799,3 +799,27 @@ def test_evaluation_only_after_the_last_epoch_without_a_pruner(selection_file, i
                                            "lr=0.02,0.1", "--pruner", "median",
                                            "--eval-every", "0"]), 2)
     assert "--eval-every >= 1" in line
+
+
+def test_a_grid_point_left_untrained_is_queued(selection_file, tmp_path, monkeypatch):
+    """A grid point whose only trial was skipped (here: forced surplus) is one Optuna's grid
+    sampler counts as visited; the worker queues it explicitly instead of re-running a point."""
+    from subsetsel.search.trials import Objective as TrialObjective
+
+    real = TrialObjective._skip_reason
+    calls = []
+
+    def skip_first(self, trial, params):
+        calls.append(params)
+        return ("forced", None) if len(calls) == 1 else real(self, trial, params)
+
+    monkeypatch.setattr(TrialObjective, "_skip_reason", skip_first)
+    settings = _settings(tmp_path, selection_file, sampler="grid",
+                         space=parse_space(["lr=0.02,0.1"]))
+    work(settings)
+    trials = sorted(_study(tmp_path, "s").trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE,
+                                         TrialState.COMPLETE]
+    assert trials[0].user_attrs["surplus"] == "forced"
+    assert trials[2].params == trials[0].params and "fixed_params" in trials[2].system_attrs
+    assert {t.params["lr"] for t in trials[1:]} == {0.02, 0.1}
