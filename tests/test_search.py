@@ -823,3 +823,18 @@ def test_a_grid_point_left_untrained_is_queued(selection_file, tmp_path, monkeyp
     assert trials[0].user_attrs["surplus"] == "forced"
     assert trials[2].params == trials[0].params and "fixed_params" in trials[2].system_attrs
     assert {t.params["lr"] for t in trials[1:]} == {0.02, 0.1}
+
+
+def test_eval_every_and_device_are_not_part_of_the_study(selection_file, tmp_path):
+    """They do not change what a trial learns: a study made with other values (or by a version
+    that stored eval_every) is joined."""
+    import dataclasses
+
+    settings = _settings(tmp_path, selection_file)
+    study = open_study(settings)
+    stored = study.user_attrs["subsetsel_search"]
+    assert "eval_every" not in stored["base"] and "device" not in stored["base"]
+    older = {**stored, "base": {**stored["base"], "eval_every": 1}}
+    study.set_user_attr("subsetsel_search", older)
+    base = dataclasses.replace(settings.base, eval_every=0, device="cpu")
+    open_study(dataclasses.replace(settings, base=base))  # not refused

@@ -114,6 +114,7 @@ def _search(
         failure_summary,
         grid_size,
         hide_password,
+        new_session,
         parse_space,
         preflight,
         results,
@@ -148,6 +149,7 @@ def _search(
         sampler=sampler, n_trials=trials, seed=base.seed, pruner=pruner, workers=workers,
         heartbeat=heartbeat, selection_id=_identity(store), quiet=quiet,
         threads=torch.get_num_threads(),  # --threads, applied by its callback
+        session=new_session(),
     )
     dataset = preflight(settings, store)
     reference = Reference.load(reference_dir, len(dataset)) if reference_dir else None
@@ -167,7 +169,7 @@ def _search(
         "reference": None if reference is None else vars(reference),
         "best_trial": None if best is None else best["trial"],
     }
-    failed = failure_summary(study)
+    failed = failure_summary(study, settings.session)
     if failed is not None:
         write_results(out, rows, meta)
         raise click.ClickException(f"{failed}; fix it and run the command again (failed "

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "halving", "hyperband")
 DEFAULT_TRIALS = 20  # random / tpe, when --trials is not given
-# TrainConfig fields that do not define a trial's training (left out of the study signature)
-_LOCAL_FIELDS = ("replay", "device", "data_root", "save_selections")
+# TrainConfig fields that do not change what a trial learns (left out of the study signature;
+# eval_every only changes which epochs are evaluated)
+_LOCAL_FIELDS = ("replay", "device", "data_root", "save_selections", "eval_every")
 
 
 class SearchError(Exception):
@@ -143,6 +144,9 @@ def open_study(settings: SearchSettings, storage: Any = None) -> optuna.Study:
     )
     mine = json.loads(json.dumps(settings.signature()))  # normalise tuples etc.
     stored = study.user_attrs.get("subsetsel_search")
+    if stored is not None and isinstance(stored.get("base"), dict):  # made by an older version
+        stored = {**stored, "base": {k: v for k, v in stored["base"].items()
+                                     if k not in _LOCAL_FIELDS}}
     if stored is None:
         study.set_user_attr("subsetsel_search", mine)
     elif stored != mine:
