@@ -3,8 +3,9 @@ grid on the full data, at a fraction of the time?
 
 Steps (each a `subsetsel` command, printed before it runs, timed by wall clock):
 1. full-data search: `subsetsel search --full-data --sampler grid --param ...`
-2. one selection file: `subsetsel train --strategy S --fraction F --save-selections ...`
-   (S = gradmatchpb if registered, else randompb; override with --strategy)
+2. one selection file: `subsetsel select --strategy S --fraction F --save-selections ...`
+   (S = gradmatchpb if registered, else randompb; override with --strategy; `select` is `train`
+   without test evaluations: the file is what this run is for)
 3. subset search: the same grid replaying that file, then `--retrain-best` on the full data.
 Reports Spearman and Kendall rank correlations of the trials' accuracies between the two searches,
 the full-data accuracy of the subset search's best configuration versus the full-data search's
@@ -81,8 +82,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch/OpenMP threads per process (OMP_NUM_THREADS); on a shared "
-                             "machine 1 avoids oversubscribed OpenMP threads stalling each other")
+                        help="torch/OpenMP threads per process (--threads and OMP_NUM_THREADS); "
+                             "on a shared machine 1 avoids oversubscribed OpenMP threads "
+                             "stalling each other")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
@@ -97,7 +99,8 @@ def main() -> None:
                         ("--model", args.model)):
         if value is not None:
             common += [flag, str(value)]
-    search = ["search", "--sampler", "grid", "--workers", str(args.workers), "--quiet"]
+    search = ["search", "--sampler", "grid", "--workers", str(args.workers), "--threads",
+              str(args.threads), "--quiet"]
     for p in grid:
         search += ["--param", p]
     print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}, threads per "
@@ -108,8 +111,9 @@ def main() -> None:
     full_cpu = CPU["last"]
     sel = out / "selection.h5"
     select_s, _ = subsetsel(
-        ["train", "--strategy", strategy, "--fraction", str(args.fraction), *common,
-         "--save-selections", str(sel), "--out", str(out / "select-run"), "--quiet"]
+        ["select", "--strategy", strategy, "--fraction", str(args.fraction), *common,
+         "--threads", str(args.threads), "--save-selections", str(sel),
+         "--out", str(out / "select-run"), "--quiet"]
     )
     subset_cpu = CPU["last"]
     subset_s, _ = subsetsel([*search, "--selections", str(sel), *common, "--out",

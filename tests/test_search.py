@@ -131,7 +131,6 @@ def test_bad_param_is_a_one_line_usage_error(spec, message, selection_file, in_t
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "empty search space"),
         (["--param", "lr=0.1"], "every --param has a single value"),
         (["--param", "lr=0.1,0.2", "--param", "lr=0.3,0.4"], "given more than once"),
         (["--sampler", "grid", "--param", "lr=log:1e-3:1e-1"], "--sampler grid needs listed"),
@@ -331,9 +330,10 @@ def test_pruned_trial_records_its_last_epoch(selection_file, tmp_path):
     study.optimize(Objective(settings), n_trials=1)
     trial = study.trials[0]
     assert trial.state == TrialState.PRUNED
-    assert trial.user_attrs["epochs_run"] == 1 and list(trial.intermediate_values) == [0]
+    result = trial.user_attrs["result"]
+    assert result["epochs_run"] == 1 and list(trial.intermediate_values) == [0]
     log = read_log(trial.user_attrs["run_dir"])
-    assert len(log) == 1 and trial.value == log[0]["test_acc"] == trial.user_attrs["final_acc"]
+    assert len(log) == 1 and trial.value == log[0]["test_acc"] == result["final_acc"]
 
 
 def test_a_failing_trial_is_reported_not_retried(selection_file, tmp_path, monkeypatch):
@@ -389,7 +389,8 @@ def test_heartbeat_stale_trial_of_another_machine_is_retried(selection_file, tmp
 
 def test_interrupted_trials_are_requeued_once(selection_file, tmp_path):
     """Ctrl-C fails the running trial without an error: the next start queues it again (once);
-    trials that failed with an error in training, or were surplus, are not retried."""
+    trials that failed with an error in training (see requeue_failed), or were surplus, are not
+    re-queued as interrupted. Failed trials do not count."""
     settings = _settings(tmp_path, selection_file)
     storage = open_storage(settings.storage)
     study = open_study(settings, storage)
@@ -407,7 +408,7 @@ def test_interrupted_trials_are_requeued_once(selection_file, tmp_path):
     assert len(waiting) == 1 and waiting[0].params == {"lr": 0.02}
     assert waiting[0].user_attrs == {"run_dir": "trials/0"}
     assert waiting[0].system_attrs["retry_history"] == [0]
-    assert [is_counted(t) for t in study.trials] == [False, True, False, False]
+    assert [is_counted(t) for t in study.trials] == [False, False, False, False]
 
 
 def _open_store_many_times(path: str) -> int:
@@ -446,13 +447,14 @@ def test_two_worker_processes_share_one_study(selection_file, tmp_path):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
-    assert len({t.user_attrs["pid"] for t in complete}) == 2
+    assert len({t.user_attrs["worker"]["pid"] for t in complete}) == 2
     assert all(t.state == TrialState.COMPLETE or t.user_attrs.get("surplus") for t in trials)
 
 
 @pytest.mark.slow
 def test_cli_parallel_workers(selection_file, in_tmp):
-    """--workers 2 spawns two fresh processes (each pays the torch import)."""
+    """--workers 2 spawns two fresh processes (each pays the torch import), each with the
+    search's --threads."""
     result = _invoke(["search", "--selections", selection_file, *GRID, "--workers", "2",
                       "--out", "out", "--quiet"])
     assert result.exit_code == 0, result.output
@@ -460,7 +462,8 @@ def test_cli_parallel_workers(selection_file, in_tmp):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
-    assert len({t.user_attrs["pid"] for t in complete}) == 2  # both workers trained
+    assert len({t.user_attrs["worker"]["pid"] for t in complete}) == 2  # both workers trained
+    assert {t.user_attrs["worker"]["threads"] for t in complete} == {1}  # --threads (default 1)
     assert len(_rows(in_tmp / "out")) == 4
 
 
@@ -536,3 +539,302 @@ def test_one_output_folder_serves_one_study(selection_file, in_tmp):
     assert _invoke([*args, "--study-name", "a"]).exit_code == 0
     line = _assert_one_line_error(_invoke([*args, "--study-name", "b"]), 1)
     assert "study 'a'" in line and "another --out" in line
+
+
+# ---- checks before any trial, failed trials, exit status -----------------------------------------
+
+
+def _no_trials_ran(folder: Path) -> bool:
+    return not (folder / "trials").exists() or not any((folder / "trials").iterdir())
+
+
+def _copy_store(selection_file: Path, path: Path, epochs: list[int]) -> Path:
+    """A selection file with the fixture's metadata and one round at each of `epochs`."""
+    from subsetsel.selection.base import Selection
+
+    source = SelectionStore.open(selection_file)
+    store = SelectionStore.create(path, source.metadata)
+    for epoch in epochs:
+        store.append(Selection(source.rounds[0].indices, source.rounds[0].weights, epoch=epoch))
+    return path
+
+
+def test_unavailable_device_fails_before_any_trial(selection_file, in_tmp):
+    line = _assert_one_line_error(
+        _invoke(["search", "--selections", selection_file, "--param", "lr=0.01,0.1",
+                 "--device", "cuda:99", "--out", "out", "--quiet"]), 2
+    )
+    assert "cuda:99" in line
+    assert _no_trials_ran(in_tmp / "out")
+
+
+@pytest.mark.parametrize("epochs, message", [([], "holds no selection round"),
+                                             ([1], "no round starts at epoch 0")])
+def test_selection_file_without_a_first_round_fails_before_any_trial(
+    epochs, message, selection_file, in_tmp
+):
+    path = _copy_store(selection_file, in_tmp / "odd.h5", epochs)
+    line = _assert_one_line_error(
+        _invoke(["search", "--selections", path, "--param", "lr=0.01,0.1", "--out", "out",
+                 "--quiet"]), 1
+    )
+    assert message in line and "odd.h5" in line
+    assert _no_trials_ran(in_tmp / "out")
+
+
+def test_every_trial_failing_exits_1_and_the_fixed_rerun_retries_them(
+    selection_file, in_tmp, monkeypatch
+):
+    """All trials fail (here: training raises): exit 1 with the first failure in one line, the
+    FAIL rows written; the same command once the cause is gone trains every configuration (failed
+    trials do not count toward --trials and are retried by the next run)."""
+    import subsetsel.run
+
+    real_run = subsetsel.run.run
+
+    def broken(config, *args, **kwargs):
+        raise RuntimeError(f"no accelerator for lr {config.lr}\nsecond line")
+
+    args = ["search", "--selections", selection_file, "--sampler", "grid", "--param",
+            "lr=0.02,0.1", "--out", "out", "--quiet"]
+    monkeypatch.setattr(subsetsel.run, "run", broken)
+    line = _assert_one_line_error(_invoke(args), 1)
+    assert "every trial failed (2)" in line and "RuntimeError: no accelerator for lr" in line
+    assert "second line" not in line
+    assert [r["state"] for r in _rows(in_tmp / "out")] == ["FAIL", "FAIL"]
+    monkeypatch.setattr(subsetsel.run, "run", real_run)
+    again = _invoke(args)
+    assert again.exit_code == 0, again.output
+    rows = _rows(in_tmp / "out")
+    assert sorted((r["lr"], r["state"]) for r in rows) == [("0.02", "COMPLETE"),
+                                                           ("0.1", "COMPLETE")]
+    trials = _study(in_tmp / "out", "pb-grid").trials
+    assert sorted(t.system_attrs.get("failed_trial") for t in trials
+                  if t.state == TrialState.COMPLETE) == [0, 1]  # the retries of 0 and 1
+    for r in rows:  # retried from scratch in their own folders
+        assert [e["epoch"] for e in read_log(r["run_dir"])] == [0, 1]
+
+
+def test_a_failing_configuration_is_tried_once_per_run(selection_file, tmp_path, monkeypatch):
+    """lr=0.1 always fails. Within one run (session) a random sampler that draws it again does
+    not train it again; each new run of the search tries it exactly once more."""
+    import dataclasses
+
+    import subsetsel.run
+    from subsetsel.search import run_search
+
+    real_run = subsetsel.run.run
+
+    def flaky(config, *args, **kwargs):
+        if config.lr == 0.1:
+            raise RuntimeError("diverged")
+        return real_run(config, *args, **kwargs)
+
+    monkeypatch.setattr(subsetsel.run, "run", flaky)
+    settings = _settings(tmp_path, selection_file, sampler="random", n_trials=3,
+                         space=parse_space(["lr=0.02,0.1"]))
+    settings.base.epochs = 1
+    for run_number, n_trials in ((1, 3), (2, 5)):  # raising --trials extends the search
+        study = run_search(dataclasses.replace(settings, n_trials=n_trials))
+        trials = study.trials
+        attempts = [t for t in trials if "error" in t.user_attrs]
+        assert [t.params for t in attempts] == [{"lr": 0.1}] * run_number
+        assert len({t.user_attrs["worker"]["session"] for t in attempts}) == run_number
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        assert len(complete) == n_trials and all(t.params["lr"] == 0.02 for t in complete)
+        repeats = [t for t in trials if "repeat_of" in t.user_attrs]
+        assert all(t.user_attrs["repeat_of"] == attempts[-1].number for t in repeats
+                   if t.user_attrs["worker"] == attempts[-1].user_attrs["worker"])
+    assert not study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_all_failing_random_search_stops(selection_file, tmp_path, monkeypatch):
+    """Every configuration of a continuous space fails: one run stops after --trials failures."""
+    import subsetsel.run
+    from subsetsel.search import run_search
+
+    def broken(config, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(subsetsel.run, "run", broken)
+    settings = _settings(tmp_path, selection_file, sampler="tpe", n_trials=3)
+    study = run_search(settings)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+
+
+def test_a_diverging_configuration_counts_as_pruned(selection_file, tmp_path, monkeypatch):
+    import subsetsel.run
+    from subsetsel.errors import DivergenceError
+
+    real_run = subsetsel.run.run
+
+    def diverging(config, *args, **kwargs):
+        if config.lr == 0.1:
+            raise DivergenceError("epoch 0 step 3: loss is nan")
+        return real_run(config, *args, **kwargs)
+
+    monkeypatch.setattr(subsetsel.run, "run", diverging)
+    settings = _settings(tmp_path, selection_file, sampler="grid",
+                         space=parse_space(["lr=0.02,0.1"]))
+    assert work(settings) == 2
+    study = _study(tmp_path, "s")
+    rows = results(study, settings.space)
+    assert [(r["lr"], r["state"]) for r in rows] == [(0.02, "COMPLETE"), (0.1, "PRUNED")]
+    assert rows[1]["error"] == "epoch 0 step 3: loss is nan"
+    assert all(is_counted(t) for t in study.trials)
+
+
+def test_reference_must_be_a_full_data_run(selection_file, in_tmp):
+    made = _invoke(["train", *DATA, "--model", "mlp", "--epochs", "1", "--replay",
+                    selection_file, "--quiet", "--out", "replayed"])
+    assert made.exit_code == 0, made.output
+    other = _invoke(["train", "--train-size", "200", "--test-size", "100", "--model", "mlp",
+                     "--epochs", "1", "--strategy", "full", "--quiet", "--out", "small"])
+    assert other.exit_code == 0, other.output
+    base = ["search", "--selections", selection_file, "--param", "lr=0.1,0.2", "--out", "out"]
+    line = _assert_one_line_error(_invoke([*base, "--reference", "replayed"]), 1)
+    assert "is not a full-data run (it replays" in line
+    line = _assert_one_line_error(_invoke([*base, "--reference", "small"]), 1)
+    assert "trained on 200 examples, this search on 300" in line
+    assert _no_trials_ran(in_tmp / "out")
+
+
+# ---- threads, the default space, the data loaded once ------------------------------------------
+
+
+def test_a_search_trial_reproduces_train_with_the_same_options(in_tmp):
+    """`search` uses --threads (default 1, like `train`), whatever torch's thread count was:
+    the trial of lr=0.05 equals `train --replay` with lr=0.05 bit for bit."""
+    import torch
+
+    opts = ["--train-size", "600", "--test-size", "200", "--model", "cnn1d", "--epochs", "2",
+            "--batch-size", "128", "--seed", "0"]
+    made = _invoke(["train", *opts, "--strategy", "randompb", "--fraction", "0.2",
+                    "--select-every", "1", "--quiet", "--out", "sel-run",
+                    "--save-selections", "sel"])
+    assert made.exit_code == 0, made.output
+    trained = _invoke(["train", *opts, "--lr", "0.05", "--replay", "sel", "--quiet",
+                       "--out", "train"])
+    assert trained.exit_code == 0, trained.output
+    torch.set_num_threads(2)  # what a fresh process gets on a multi-core machine
+    try:
+        searched = _invoke(["search", "--selections", "sel", *opts, "--sampler", "grid",
+                            "--param", "lr=0.05,0.1", "--out", "out", "--quiet"])
+    finally:
+        torch.set_num_threads(1)
+    assert searched.exit_code == 0, searched.output
+    row = next(r for r in _rows(in_tmp / "out") if r["lr"] == "0.05")
+    ours, theirs = read_log(row["run_dir"]), read_log(in_tmp / "train")
+    assert float(row["acc"]) == theirs[-1]["test_acc"]
+    assert [e["train_loss"] for e in ours] == [e["train_loss"] for e in theirs]
+    assert ours[-1]["test_loss"] == theirs[-1]["test_loss"]
+    trials = _study(in_tmp / "out", "sel-grid").trials
+    assert all(t.user_attrs["worker"]["threads"] == 1 for t in trials)
+
+
+def test_worker_processes_use_the_search_threads(selection_file, tmp_path):
+    import torch
+
+    from subsetsel.search.workers import _worker_main
+
+    settings = _settings(tmp_path, selection_file, threads=1, n_trials=1)
+    open_study(settings)
+    torch.set_num_threads(2)
+    try:
+        _worker_main(settings, 0)  # what each spawned worker runs
+    finally:
+        torch.set_num_threads(1)
+    assert [t.user_attrs["worker"]["threads"] for t in _study(tmp_path, "s").trials] == [1]
+
+
+def test_default_space():
+    from subsetsel.search import default_space
+
+    tpe = default_space(0.05, "tpe")
+    assert [str(p) for p in tpe] == ["lr=log:0.005:0.5", "weight_decay=0,5e-05,0.0005"]
+    grid = default_space(0.05, "grid")
+    assert [str(p) for p in grid] == ["lr=0.005,0.015,0.05,0.15,0.5", "weight_decay=0,0.0005"]
+    assert grid_size(grid) == 10
+    with pytest.raises(SearchSpaceError):
+        default_space(float("nan"), "tpe")
+
+
+def test_search_without_param_uses_the_default_space(selection_file, in_tmp):
+    help_text = _invoke(["search", "--help"]).output
+    assert "Default (none given)" in help_text and "--threads" in help_text
+    result = _invoke(["search", "--selections", selection_file, "--sampler", "grid", "--lr",
+                      "0.1", "--trials", "2", "--epochs", "1", "--out", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((in_tmp / "out" / "results.json").read_text())
+    assert meta["space"] == ["lr=0.01,0.03,0.1,0.3,1", "weight_decay=0,0.0005"]
+    assert len(meta["trials"]) == 2
+    assert all(t["lr"] in (0.01, 0.03, 0.1, 0.3, 1.0) for t in meta["trials"])
+
+
+def test_the_data_are_loaded_once_per_search_process(selection_file, in_tmp, monkeypatch):
+    import subsetsel.data
+
+    real_load = subsetsel.data.load_dataset
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(subsetsel.data, "load_dataset", counting)
+    result = _invoke(["search", "--selections", selection_file, *GRID, "--out", "out",
+                      "--quiet", "--retrain-best"])
+    assert result.exit_code == 0, result.output
+    assert len(_rows(in_tmp / "out")) == 4
+    assert len(calls) == 1  # checks, 4 trials and the retraining share one load
+
+
+def test_evaluation_only_after_the_last_epoch_without_a_pruner(selection_file, in_tmp):
+    result = _invoke(["search", "--selections", selection_file, "--sampler", "grid", "--param",
+                      "lr=0.02,0.1", "--trials", "1", "--out", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    log = read_log(_rows(in_tmp / "out")[0]["run_dir"])
+    assert [e["test_acc"] is None for e in log] == [True, False]
+    line = _assert_one_line_error(_invoke(["search", "--selections", selection_file, "--param",
+                                           "lr=0.02,0.1", "--pruner", "median",
+                                           "--eval-every", "0"]), 2)
+    assert "--eval-every >= 1" in line
+
+
+def test_a_grid_point_left_untrained_is_queued(selection_file, tmp_path, monkeypatch):
+    """A grid point whose only trial was skipped (here: forced surplus) is one Optuna's grid
+    sampler counts as visited; the worker queues it explicitly instead of re-running a point."""
+    from subsetsel.search.trials import Objective as TrialObjective
+
+    real = TrialObjective._skip_reason
+    calls = []
+
+    def skip_first(self, trial, params):
+        calls.append(params)
+        return ("forced", None) if len(calls) == 1 else real(self, trial, params)
+
+    monkeypatch.setattr(TrialObjective, "_skip_reason", skip_first)
+    settings = _settings(tmp_path, selection_file, sampler="grid",
+                         space=parse_space(["lr=0.02,0.1"]))
+    work(settings)
+    trials = sorted(_study(tmp_path, "s").trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE,
+                                         TrialState.COMPLETE]
+    assert trials[0].user_attrs["surplus"] == "forced"
+    assert trials[2].params == trials[0].params and "fixed_params" in trials[2].system_attrs
+    assert {t.params["lr"] for t in trials[1:]} == {0.02, 0.1}
+
+
+def test_eval_every_and_device_are_not_part_of_the_study(selection_file, tmp_path):
+    """They do not change what a trial learns: a study made with other values (or by a version
+    that stored eval_every) is joined."""
+    import dataclasses
+
+    settings = _settings(tmp_path, selection_file)
+    study = open_study(settings)
+    stored = study.user_attrs["subsetsel_search"]
+    assert "eval_every" not in stored["base"] and "device" not in stored["base"]
+    older = {**stored, "base": {**stored["base"], "eval_every": 1}}
+    study.set_user_attr("subsetsel_search", older)
+    base = dataclasses.replace(settings.base, eval_every=0, device="cpu")
+    open_study(dataclasses.replace(settings, base=base))  # not refused

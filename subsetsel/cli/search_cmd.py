@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from subsetsel.cli.errors import one_line_errors
+from subsetsel.cli.options import threads_option
 from subsetsel.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -30,12 +31,16 @@ INHERITED = (
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUES",
               help="A searched option, repeatable: lr=log:1e-3:1e-1 (log range), "
                    "momentum=0.8:0.99 (range), optimizer=sgd,adam (choices). Names: lr, "
-                   "weight_decay, momentum, batch_size, epochs, optimizer, schedule, model.")
+                   "weight_decay, momentum, batch_size, epochs, optimizer, schedule, model. "
+                   "Default (none given): lr=log:LR/10:10*LR and weight_decay=0,5e-5,5e-4 "
+                   "around the base --lr LR; with --sampler grid lr=LR*(0.1,0.3,1,3,10) and "
+                   "weight_decay=0,5e-4 (10 configurations).")
 @click.option("--sampler", type=click.Choice(["grid", "random", "tpe"]), default="tpe",
               show_default=True)
 @click.option("--trials", type=int,
-              help="Trials to finish (COMPLETE or PRUNED). Default: the grid size for grid, "
-                   "else 20. Raise it and run again to extend a search.")
+              help="Trials to finish (COMPLETE or PRUNED; failed trials do not count and are "
+                   "retried once by the next run of the command). Default: the grid size for "
+                   "grid, else 20. Raise it and run again to extend a search.")
 @click.option("--study-name", help="Default: <selection file stem>-<sampler>, or "
                                    "full-<dataset>-<sampler>.")
 @click.option("--storage", metavar="URL",
@@ -44,10 +49,13 @@ INHERITED = (
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder: trials/<number>/, results.csv/json (default search/<name>).")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Parallel worker processes on this machine.")
+              help="Parallel worker processes on this machine (each uses --threads).")
 @click.option("--pruner", type=click.Choice(["none", "median", "halving", "hyperband"]),
               default="none", show_default=True,
               help="Stop unpromising trials early on their per-epoch test accuracy.")
+@click.option("--eval-every", type=int,
+              help="Epochs between test evaluations of a trial (0: after the last epoch only). "
+                   "Default: 1 with a pruner, else 0 (the objective is the final accuracy).")
 @click.option("--heartbeat", type=int, default=15, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for 4 beats is failed and "
                    "retried.")
@@ -75,10 +83,12 @@ INHERITED = (
 @click.option("--slow-input", type=float, default=0.0, show_default=True,
               help="Simulated upstream cost, seconds per batch of fresh examples.")
 @click.option("--quiet", is_flag=True, help="No per-trial progress lines.")
+@threads_option
 @one_line_errors
 def search(**kwargs: Any) -> None:
     """Search hyperparameters with Optuna; every trial replays one selection file (no
-    selection cost). Interrupted searches resume when run again with the same options."""
+    selection cost). Interrupted searches resume when run again with the same options; failed
+    trials are retried once per run. Exit code 1 when every trial failed."""
     from subsetsel.search import SearchError
 
     try:
@@ -90,16 +100,23 @@ def search(**kwargs: Any) -> None:
 def _search(
     selections: str | None, full_data: bool, params: tuple[str, ...], sampler: str,
     trials: int | None, study_name: str | None, storage: str | None, out_dir: str | None,
-    workers: int, pruner: str, heartbeat: int, reference_dir: str | None, retrain_best: bool,
-    quiet: bool, device: str, slow_input: float, **options: Any,
+    workers: int, pruner: str, eval_every: int | None, heartbeat: int,
+    reference_dir: str | None, retrain_best: bool, quiet: bool, device: str, slow_input: float,
+    **options: Any,
 ) -> None:
+    import torch
+
     from subsetsel.search import (
         DEFAULT_TRIALS,
         Reference,
         SearchSettings,
+        default_space,
+        failure_summary,
         grid_size,
         hide_password,
+        new_session,
         parse_space,
+        preflight,
         results,
         run_search,
         speedup_note,
@@ -112,12 +129,18 @@ def _search(
     if retrain_best and full_data:
         raise click.UsageError("--retrain-best needs --selections (a full-data search already "
                                "trained on the full data)")
-    space = parse_space(params)
+    if eval_every is None:
+        eval_every = 0 if pruner == "none" else 1
+    if eval_every < 0:
+        raise click.UsageError(f"--eval-every must be >= 0, got {eval_every}")
+    if pruner != "none" and eval_every == 0:
+        raise click.UsageError(f"--pruner {pruner} needs per-epoch accuracies: --eval-every >= 1")
+    space = parse_space(params) if params else None
+    base, store = _base_config(selections, options, device, slow_input, eval_every)
+    if space is None:
+        space = default_space(base.lr, sampler)
     if trials is None:
         trials = grid_size(space) if sampler == "grid" else DEFAULT_TRIALS
-    base, store = _base_config(selections, options, device, slow_input)
-    _preflight(base, store, space)
-    reference = Reference.load(reference_dir) if reference_dir else None
     name = study_name or _default_name(base, selections, sampler)
     out = Path(out_dir) if out_dir else Path("search") / name
     url = storage or f"sqlite:///{out.resolve() / 'study.db'}"
@@ -125,8 +148,12 @@ def _search(
         space=space, base=base, out_dir=out.resolve(), storage=url, study_name=name,
         sampler=sampler, n_trials=trials, seed=base.seed, pruner=pruner, workers=workers,
         heartbeat=heartbeat, selection_id=_identity(store), quiet=quiet,
+        threads=torch.get_num_threads(),  # --threads, applied by its callback
+        session=new_session(),
     )
-    study = run_search(settings)
+    dataset = preflight(settings, store)
+    reference = Reference.load(reference_dir, len(dataset)) if reference_dir else None
+    study = run_search(settings, dataset=dataset)
     rows = results(study, space, reference)
     best = next((r for r in rows if r["state"] == "COMPLETE"), None)
     meta: dict[str, Any] = {
@@ -142,12 +169,17 @@ def _search(
         "reference": None if reference is None else vars(reference),
         "best_trial": None if best is None else best["trial"],
     }
+    failed = failure_summary(study, settings.session)
+    if failed is not None:
+        write_results(out, rows, meta)
+        raise click.ClickException(f"{failed}; fix it and run the command again (failed "
+                                   "trials are retried)")
     if retrain_best and best is not None:
         best_params = {p.name: best[p.name] for p in space}
         if not quiet:
             click.echo(f"retraining trial {best['trial']}'s configuration on the full data",
                        err=True)
-        summary = do_retrain(settings, best_params, out / "best-full")
+        summary = do_retrain(settings, best_params, out / "best-full", dataset=dataset)
         meta["retrain_best"] = {
             "params": best_params, "run_dir": str(out / "best-full"),
             "final_acc": summary["final_acc"], "best_acc": summary["best_acc"],
@@ -155,10 +187,15 @@ def _search(
         }
     csv_path, json_path = write_results(out, rows, meta)
     _print(rows, space, meta, reference, csv_path, json_path)
+    failures = sum(r["state"] == "FAIL" for r in rows)
+    if failures:
+        click.echo(f"{failures} configuration(s) failed (state FAIL, error in results.csv); run "
+                   "the command again to retry them", err=True)
 
 
 def _base_config(
-    selections: str | None, options: dict[str, Any], device: str, slow_input: float
+    selections: str | None, options: dict[str, Any], device: str, slow_input: float,
+    eval_every: int,
 ) -> tuple[TrainConfig, SelectionStore | None]:
     """Base TrainConfig of every trial and the opened selection file (None: full data)."""
     from subsetsel.store import SelectionStore, find_existing
@@ -174,7 +211,7 @@ def _base_config(
                 values[key] = stored[key]
         replay = str(store.path.resolve())
     base = TrainConfig(
-        **values, device=device, slow_input=slow_input, replay=replay,
+        **values, device=device, slow_input=slow_input, replay=replay, eval_every=eval_every,
         strategy="random" if replay else "full",
     )
     base.validate()
@@ -190,34 +227,6 @@ def _identity(store: SelectionStore | None) -> dict[str, Any]:
         "fingerprint": meta.fingerprint, "created": meta.created, "strategy": meta.strategy,
         "rounds": len(store.rounds), "dataset_size": meta.dataset_size,
     }
-
-
-def _preflight(base: TrainConfig, store: SelectionStore | None, space: Any) -> None:
-    """Fail before any trial: load the data, check the selection file against it and build
-    every model of the space on it."""
-    from subsetsel.data import load_dataset
-    from subsetsel.models import build_model, default_model
-
-    dataset = load_dataset(
-        base.dataset, root=base.data_root, seed=base.data_seed, train_size=base.train_size,
-        test_size=base.test_size,
-    )
-    if store is not None:
-        store.check_compatible(
-            fingerprint=dataset.fingerprint(), dataset_size=len(dataset), dataset=base.dataset
-        )
-    models = {base.model or default_model(base.dataset, dataset.input_shape)}
-    for p in space:
-        if p.name == "model":
-            models.update(p.choices)
-    for name in sorted(models):
-        try:
-            build_model(name, dataset.input_shape, dataset.num_classes)
-        except (ValueError, RuntimeError) as err:
-            raise click.UsageError(
-                f"model {name!r} does not fit {base.dataset} inputs {dataset.input_shape}: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-            ) from None
 
 
 def _default_name(base: TrainConfig, selections: str | None, sampler: str) -> str:
