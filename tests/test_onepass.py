@@ -13,17 +13,34 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from subsetsel.cli import main
+from subsetsel.data.base import Batch
 from subsetsel.onepass.stream import OnePassConfig, OnePassTrainer, alpha_at, log_marks
-from subsetsel.train import BatchSource, TrainConfig, Trainer, read_log
+from subsetsel.online.base import StepBatch
+from subsetsel.train import TrainConfig, Trainer, read_log
 
 
-class CountingSource(BatchSource):
-    """The stream, instrumented: how often each training index is read from the dataset."""
+def _count_reads(trainer: OnePassTrainer, n: int) -> torch.Tensor:
+    """Instrument the stream's reader: how often each training index is read from the data."""
+    reads = torch.zeros(n, dtype=torch.int64)
+    reader = trainer.feed.reader
+    original = type(reader).read
 
-    def read(self, indices, weights):
-        self.reads = getattr(self, "reads", torch.zeros(len(self.dataset), dtype=torch.int64))
-        self.reads += torch.bincount(indices.cpu(), minlength=len(self.dataset))
-        return super().read(indices, weights)
+    def read(self, plan, *, augment=True):
+        for batch in original(self, plan, augment=augment):
+            reads.add_(torch.bincount(batch.indices.cpu(), minlength=n))
+            yield batch
+
+    type(reader).read = read  # undone by the fixture below
+    return reads
+
+
+@pytest.fixture
+def restore_reader_read():
+    from subsetsel.data.tensor import TensorReader
+
+    original = TensorReader.read
+    yield
+    TensorReader.read = original
 
 
 def _config(**kw) -> OnePassConfig:
@@ -33,15 +50,16 @@ def _config(**kw) -> OnePassConfig:
 
 
 @pytest.mark.parametrize("priority", ["uniform", "error"])
-def test_each_example_is_read_once_and_replay_comes_from_the_buffer(small_mnist1d, priority):
+def test_each_example_is_read_once_and_replay_comes_from_the_buffer(small_mnist1d, priority,
+                                                                     restore_reader_read):
     n = len(small_mnist1d)  # 600
     trainer = OnePassTrainer(
         _config(storage=0.1, replay_steps=2, priority=priority, insertion="reservoir"),
         dataset=small_mnist1d,
     )
-    source = _counting_source(trainer)
-    summary = trainer.fit(source)
-    assert torch.equal(source.reads, torch.ones(n, dtype=torch.int64))
+    reads = _count_reads(trainer, n)
+    summary = trainer.fit()
+    assert torch.equal(reads, torch.ones(n, dtype=torch.int64))
     assert summary["total_fresh"] == n
     capacity = math.floor(0.1 * n)  # 60 rows, all replay batches hold 60 examples
     num_batches = math.ceil(n / 64)
@@ -56,16 +74,6 @@ def test_each_example_is_read_once_and_replay_comes_from_the_buffer(small_mnist1
     held = trainer.buffer.index[:capacity]
     assert torch.equal(trainer.buffer.x[:capacity], small_mnist1d.x_train[held])
     assert torch.equal(trainer.buffer.y[:capacity], small_mnist1d.y_train[held])
-
-
-def _counting_source(trainer: OnePassTrainer) -> CountingSource:
-    from subsetsel.selection.base import Selection, round_generator
-
-    cfg = trainer.config
-    return CountingSource(
-        trainer.dataset, Selection.full(len(trainer.dataset)), cfg.batch_size,
-        round_generator(cfg.seed, 0, salt=3),
-    )
 
 
 def test_naive_one_pass_equals_one_epoch_of_train(small_mnist1d):
@@ -95,8 +103,8 @@ def test_step_minimises_the_mean_of_weighted_losses(small_mnist1d):
     before = copy.deepcopy(trainer.model)
     expected_losses = F.cross_entropy(before(x), y, reduction="none")
     (expected_losses * w).mean().backward()
-    losses = trainer.step(x, y, w)
-    assert torch.allclose(losses, expected_losses.detach(), atol=1e-6)
+    out = trainer.engine.step(StepBatch(Batch(torch.arange(32), x, y, w), mean_loss=True))
+    assert torch.allclose(out.losses, expected_losses.detach(), atol=1e-6)
     for p, q in zip(trainer.model.parameters(), before.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
 
@@ -105,16 +113,18 @@ def test_prioritised_replay_refreshes_losses_of_replayed_rows(small_mnist1d):
     trainer = OnePassTrainer(
         _config(storage=0.2, replay_steps=1, priority="error", alpha=0.9), dataset=small_mnist1d
     )
-    source = trainer.make_source()
-    raw = next(source.raw_batches())
-    losses = trainer.step(raw.x, raw.y, None)
-    trainer.buffer.add(raw.indices, raw.x, raw.y, losses)
+    engine = trainer.engine
+    steps = iter(trainer.policy.plan(trainer.feed.open(0).reader, engine.context()))
+    incoming = next(steps)
+    trainer.policy.observe(incoming, engine.step(incoming))  # enters the buffer
+    assert len(trainer.buffer) == 64
     stored = trainer.buffer.loss.clone()
-    torch.manual_seed(0)
-    trainer.replay(source)
+    replay = next(steps)
+    assert replay.tag[0] == "replay" and replay.mean_loss
+    trainer.policy.observe(replay, engine.step(replay))
     changed = (trainer.buffer.loss != stored).nonzero().squeeze(1)
     assert 0 < changed.numel() <= 64
-    assert trainer.counts.steps == 2
+    assert engine.counts.steps == 2
 
 
 def test_alpha_decay_and_log_marks():

@@ -4,14 +4,13 @@ presample reads when the switch is on or off."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from policy_harness import FakeEngine, IndexReader, logit_forward
 from torch import nn
 
-from subsetsel.data import TensorData
 from subsetsel.online.base import Batch, create_policy
 from subsetsel.online.importance import (
     ImportanceSampling,
@@ -25,8 +24,6 @@ from subsetsel.online.importance import (
     tau_estimate,
     tau_threshold,
 )
-from subsetsel.selection.base import Selection
-from subsetsel.train import BatchSource
 
 
 # ---- scores ----------------------------------------------------------------------------------
@@ -151,79 +148,57 @@ def test_presample_positions_cover_own_block_and_draw_others_without_replacement
 
 
 # ---- the policy with constructed scores -------------------------------------------------------
-class ScoreTrainer:
-    """Fake trainer whose logits are the inputs: x (B, 2) with label 0."""
-
-    def __init__(self, n: int, batch_size: int) -> None:
-        self.config = SimpleNamespace(batch_size=batch_size, seed=0)
-        self.device = torch.device("cpu")
-        self.model = nn.Linear(2, 2)
-        self.steps: list[tuple[int, bool, torch.Tensor]] = []  # (size, normalize, weights)
-        self.indices: list[torch.Tensor] = []
-        self.scored: list[int] = []
-
-    def train_on(self, batch: Batch, normalize: bool = True) -> torch.Tensor:
-        self.last_logits = batch.x
-        self.steps.append((len(batch), normalize, batch.w.clone()))
-        self.indices.append(batch.indices.clone())
-        return F.cross_entropy(batch.x, batch.y, reduction="none")
-
-    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.scored.append(x.shape[0])
-        return x, F.cross_entropy(x, y, reduction="none")
-
-
-def source_for(x: torch.Tensor, batch_size: int) -> BatchSource:
+def run_is(policy, x: torch.Tensor, batch_size: int = 16) -> tuple[FakeEngine, dict]:
+    """One epoch of `policy` over examples whose logits are x (B, 2), label 0."""
     n = x.shape[0]
-    data = TensorData("toy", x, torch.zeros(n, dtype=torch.int64), x[:2], torch.zeros(2).long(), 2)
-    return BatchSource(data, Selection.full(n), batch_size, torch.Generator().manual_seed(0))
-
-
-def run_is(policy, x: torch.Tensor, batch_size: int = 16) -> tuple[ScoreTrainer, dict]:
-    trainer = ScoreTrainer(x.shape[0], batch_size)
-    policy.begin_epoch(trainer, 0)
-    source = source_for(x, batch_size)
-    for batch in policy.batches(source):
-        policy.step(trainer, batch)
-    extra = policy.end_epoch(trainer)
+    engine = FakeEngine(n, batch_size=batch_size, forward=logit_forward)
+    source = IndexReader(torch.arange(n), inputs=x)
+    extra = engine.run_epoch(policy, 0, source)
     extra["fresh"] = source.fresh
-    return trainer, extra
+    return engine, extra
+
+
+def _steps(engine: FakeEngine) -> list[tuple[int, bool, torch.Tensor]]:
+    """(size, normalised loss, weights) of every step."""
+    return [(len(b), not mean, b.w.clone())
+            for b, mean in zip(engine.trained, engine.mean_loss, strict=True)]
 
 
 def test_policy_stays_off_on_uniform_scores():
     x = torch.zeros(160, 2)  # every example equally wrong: τ = 1
-    trainer, extra = run_is(create_policy("is", presample=3), x)
+    engine, extra = run_is(create_policy("is", presample=3), x)
     assert extra["is_on_fraction"] == 0.0 and extra["is_tau"] == pytest.approx(1.0)
-    assert not trainer.scored and extra["fresh"] == 160
-    assert all(size == 16 and normalize for size, normalize, _ in trainer.steps)
+    assert not engine.scored and extra["fresh"] == 160
+    assert all(size == 16 and normalize for size, normalize, _ in _steps(engine))
 
 
 def test_policy_switches_on_for_skewed_scores_and_reads_presamples():
     x = torch.zeros(320, 2)
     x[:, 0] = 30.0  # confidently right: score ~0
     x[::16, 0] = -30.0  # one in 16 confidently wrong: τ ~ 4 > τ_th = 2
-    trainer, extra = run_is(create_policy("is", presample=3), x)
+    engine, extra = run_is(create_policy("is", presample=3), x)
     steps = 320 // 16
-    on = len(trainer.scored)
+    on = len(engine.scored)
     assert extra["is_tau"] > 2.0 and extra["is_on_fraction"] == on / steps and on > steps // 2
-    assert trainer.scored == [48] * on  # B = 3b per step while on
+    assert [len(s) for s in engine.scored] == [48] * on  # B = 3b per step while on
     assert extra["fresh"] == 16 * (steps - on) + 48 * on
-    assert all(size == 16 for size, _, _ in trainer.steps)
-    on_steps = [i for i, (_, normalize, _) in enumerate(trainer.steps) if not normalize]
+    taken = _steps(engine)
+    assert all(size == 16 for size, _, _ in taken)
+    on_steps = [i for i, (_, normalize, _) in enumerate(taken) if not normalize]
     assert len(on_steps) == on
     for i in on_steps:  # only the k wrong examples are drawn: p = 1/k, w = 1/(48 p) = k/48
-        assert bool((trainer.indices[i] % 16 == 0).all())
-        k = trainer.steps[i][2] * 48
+        assert bool((engine.trained[i].indices % 16 == 0).all())
+        k = taken[i][2] * 48
         assert torch.allclose(k, k.round()) and bool((k == k[0]).all()) and 1 <= k[0] <= 48
 
 
 def test_tau_th_zero_is_always_on_and_uniform_baseline_never_scores():
     x = torch.zeros(64, 2)
-    trainer, extra = run_is(create_policy("is", presample=2, tau_th=0.0), x)
-    assert extra["is_on_fraction"] == 1.0 and trainer.scored == [32] * 4
-    trainer, extra = run_is(create_policy("is-uniform", presample=2), x)
-    assert extra["is_on_fraction"] == 1.0 and not trainer.scored and extra["fresh"] == 128
-    assert [size for size, _, _ in trainer.steps] == [16] * 4
+    engine, extra = run_is(create_policy("is", presample=2, tau_th=0.0), x)
+    assert extra["is_on_fraction"] == 1.0 and [len(s) for s in engine.scored] == [32] * 4
+    engine, extra = run_is(create_policy("is-uniform", presample=2), x)
+    assert extra["is_on_fraction"] == 1.0 and not engine.scored and extra["fresh"] == 128
+    assert [size for size, _, _ in _steps(engine)] == [16] * 4
 
 
 def test_state_round_trip_keeps_tau():

@@ -1,18 +1,19 @@
-"""Selective-Backprop: percentile and probability math, loss history, keep variant, backward
-accumulation and the stale cache keyed by dataset index."""
+"""Selective-Backprop: percentile and probability math, loss history, keep variant, candidate
+batches with a step count known in advance, and the stale cache keyed by dataset index."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from policy_harness import FakeEngine, IndexReader, loss_of
 
-from subsetsel.online.base import Batch, create_policy
+from subsetsel.data.base import Batch
+from subsetsel.online.base import create_policy
 from subsetsel.online.selective_backprop import (
-    BackwardAccumulator,
     LossHistory,
     SelectiveBackprop,
+    candidate_size,
+    expected_share,
     keep_active,
     keep_probabilities,
     keep_rows,
@@ -21,48 +22,13 @@ from subsetsel.online.selective_backprop import (
 )
 
 
-def loss_of(indices: torch.Tensor, epoch: int = 0) -> torch.Tensor:
-    """A loss every example has in the fake trainer: unique per (index, epoch)."""
-    return indices.float() * 0.01 + epoch
-
-
-class FakeTrainer:
-    """Records what a policy asks for. Inputs carry the dataset index (x[:, 0]), so the loss of
-    a row (`loss_of`) tells which example it belongs to."""
-
-    def __init__(self, n: int, batch_size: int = 8, epochs: int = 4, drift: bool = True) -> None:
-        self.config = SimpleNamespace(batch_size=batch_size, seed=0)
-        self.device = torch.device("cpu")
-        self.dataset = list(range(n))
-        self.total_epochs = epochs
-        self.epoch = 0
-        self.trained: list[torch.Tensor] = []  # indices of each backward batch
-        self.scored: list[torch.Tensor] = []  # indices of each selection forward
-        self.forwarded = 0
-        self.drift = drift  # whether losses change from epoch to epoch
-
-    def train_on(self, batch: Batch, normalize: bool = True) -> torch.Tensor:
-        self.trained.append(batch.indices.clone())
-        self.forwarded += len(batch)
-        return loss_of(batch.x[:, 0].long(), self.epoch if self.drift else 0)
-
-    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.scored.append(x[:, 0].long().clone())
-        self.forwarded += x.shape[0]
-        return torch.zeros(x.shape[0], 2), loss_of(x[:, 0].long(), self.epoch if self.drift else 0)
-
-
 def make_batch(indices: list[int] | torch.Tensor) -> Batch:
     idx = torch.as_tensor(indices, dtype=torch.int64)
     return Batch(idx, idx.float().unsqueeze(1), torch.zeros_like(idx), torch.ones(idx.numel()))
 
 
-def run_epoch(policy, trainer: FakeTrainer, epoch: int, batches: list[list[int]]) -> dict:
-    trainer.epoch = epoch
-    policy.begin_epoch(trainer, epoch)
-    for rows in batches:
-        policy.step(trainer, make_batch(rows))
-    return policy.end_epoch(trainer)
+def reader(order: list[int] | torch.Tensor) -> IndexReader:
+    return IndexReader(torch.as_tensor(order, dtype=torch.int64))
 
 
 # ---- percentiles and probabilities -----------------------------------------------------------
@@ -137,65 +103,67 @@ def test_keep_active_window_and_interrupt():
     assert [keep_active(0.7, i, 0.5, 0.9, 3) for i in range(6)] == [True, True, False] * 2
 
 
-# ---- accumulation ----------------------------------------------------------------------------
-def test_accumulator_hands_out_full_batches_in_order_and_flushes_the_rest():
-    acc = BackwardAccumulator(128)
-    out: list[Batch] = []
-    start = 0
-    for size in (50, 100, 0, 30, 120):
-        out += list(acc.add(make_batch(list(range(start, start + size)))))
-        start += size
-    assert [len(b) for b in out] == [128, 128]
-    rest = acc.flush()
-    assert rest is not None and len(rest) == 300 - 256
-    assert torch.equal(torch.cat([b.indices for b in out] + [rest.indices]), torch.arange(300))
-    assert acc.flush() is None
+# ---- candidate batches ----------------------------------------------------------------------
+def test_expected_share_and_candidate_size():
+    assert expected_share(3.0) == pytest.approx(0.25) and expected_share(0.0) == 1.0
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(200000, generator=g)
+    for beta, floor in ((3.0, 0.1), (1.0, 0.3), (2.0, 0.0)):
+        mc = float(u.pow(beta).clamp_min(floor).mean())
+        assert expected_share(beta, floor) == pytest.approx(mc, abs=3e-3)
+    assert candidate_size(128, 0.25) == 512 and candidate_size(128, 1.0) == 128
 
 
-def test_sb_backpropagates_exactly_full_batches_and_flushes_at_epoch_end():
-    trainer = FakeTrainer(n=400, batch_size=16, drift=False)
-    policy = create_policy("sb", beta=1.0, history=64)
+def test_sb_plans_its_steps_and_backpropagates_about_a_batch_per_step():
+    engine = FakeEngine(n=400, batch_size=16, drift=False)
+    policy = create_policy("sb", beta=1.0, history=64)  # share 1/2: candidates of 32
     order = torch.randperm(400, generator=torch.Generator().manual_seed(0))
-    batches = [order[s : s + 16].tolist() for s in range(0, 400, 16)]
-    run_epoch(policy, trainer, 0, batches)  # plain warm-up: every batch trained as is
-    assert [t.tolist() for t in trainer.trained] == batches and not trainer.scored
-    trainer.trained.clear()
-    extra = run_epoch(policy, trainer, 1, batches)
-    sizes = [len(t) for t in trainer.trained]
+    engine.run_epoch(policy, 0, reader(order))  # plain warm-up: every batch trained as is
+    assert [b.indices.tolist() for b in engine.trained] == [order[s : s + 16].tolist()
+                                                            for s in range(0, 400, 16)]
+    assert not engine.scored
+    engine.trained.clear()
+    extra = engine.run_epoch(policy, 1, reader(order))  # FakeEngine checks steps == planned
+    sizes = [len(b) for b in engine.trained]
+    assert len(sizes) == -(-400 // 32) and all(1 <= size <= 32 for size in sizes)
     selected = round(extra["sb_selected_fraction"] * 400)
-    assert sum(sizes) == selected and 0 < selected < 400
-    assert all(s == 16 for s in sizes[:-1]) and 0 < sizes[-1] <= 16
-    assert len(sizes) == -(-selected // 16)
-    trained = torch.cat(trainer.trained)
+    assert sum(sizes) == selected and 100 < selected < 300
+    trained = torch.cat([b.indices for b in engine.trained])
     assert trained.unique().numel() == trained.numel()  # no example twice in an epoch
-    assert torch.equal(torch.cat(trainer.scored), order)  # every example scored, in order
+    assert torch.equal(torch.cat(engine.scored).long(), order)  # every example scored, in order
     # higher loss (higher index here) is selected more often
     assert (trained >= 200).sum() > 2 * (trained < 200).sum()
+
+
+def test_sb_never_takes_an_empty_step():
+    engine = FakeEngine(n=64, batch_size=8, drift=False)
+    policy = create_policy("sb", beta=50.0, history=4096, warmup_epochs=0)
+    engine.run_epoch(policy, 0, reader(list(range(64))))
+    assert all(len(b) >= 1 for b in engine.trained)
 
 
 # ---- stale cache -----------------------------------------------------------------------------
 def test_stale_cache_attributes_each_loss_to_its_own_index():
     n = 64
-    trainer = FakeTrainer(n=n, batch_size=8)
+    engine = FakeEngine(n=n, batch_size=8)
     policy = create_policy("stale-sb", staleness=2, beta=1.0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(3))
-    batches = [order[s : s + 8].tolist() for s in range(0, n, 8)]
-    run_epoch(policy, trainer, 0, batches)  # warm-up fills the cache with epoch-0 losses
+    engine.run_epoch(policy, 0, reader(order))  # warm-up fills the cache with epoch-0 losses
     assert torch.allclose(policy._cache_loss, loss_of(torch.arange(n), 0))
     assert torch.equal(policy._cache_epoch, torch.zeros(n, dtype=torch.int64))
 
     # epoch 2: entries from epoch 0 are stale (staleness 2); refresh half of them at epoch 2
     # with distinct values, then score one batch mixing fresh-cached and stale examples.
-    trainer.epoch = 2
-    policy.begin_epoch(trainer, 2)
+    engine.epoch = 2
+    policy.plan(reader(order), engine.context(2))
     cached = torch.tensor([5, 17, 33, 48])
     policy._cache_loss[cached] = 100.0 + cached.float()
     policy._cache_epoch[cached] = 2
     mixed = make_batch([48, 2, 17, 60, 5, 9, 33, 40])
-    trainer.scored.clear()
-    losses, reused = policy._losses_for(trainer, mixed)
+    engine.scored.clear()
+    losses, reused = policy._losses_for(mixed, engine.context(2))
     assert reused == 4
-    assert trainer.scored[0].tolist() == [2, 60, 9, 40]  # only the stale ones are forwarded
+    assert engine.scored[0].long().tolist() == [2, 60, 9, 40]  # only the stale ones are forwarded
     expected = [100 + i if i in cached.tolist() else float(loss_of(torch.tensor(i), 2))
                 for i in mixed.indices.tolist()]
     assert torch.allclose(losses, torch.tensor(expected))
@@ -206,25 +174,26 @@ def test_stale_cache_attributes_each_loss_to_its_own_index():
 
 def test_stale_sb_skips_forwards_while_cached_losses_are_valid():
     n = 96
-    trainer = FakeTrainer(n=n, batch_size=8)
+    engine = FakeEngine(n=n, batch_size=8)
     policy = create_policy("stale-sb", staleness=2)
-    batches = [list(range(s, s + 8)) for s in range(0, n, 8)]
-    run_epoch(policy, trainer, 0, batches)
-    trainer.scored.clear()
-    extra = run_epoch(policy, trainer, 1, batches)
-    assert not trainer.scored and extra["sb_reused_fraction"] == 1.0
-    backpropagated = {int(i) for t in trainer.trained[len(batches):] for i in t}
-    extra = run_epoch(policy, trainer, 2, batches)
-    scored = {int(i) for s in trainer.scored for i in s}
+    order = list(range(n))
+    engine.run_epoch(policy, 0, reader(order))
+    warm_steps = len(engine.trained)
+    engine.scored.clear()
+    extra = engine.run_epoch(policy, 1, reader(order))
+    assert not engine.scored and extra["sb_reused_fraction"] == 1.0
+    backpropagated = {int(i) for b in engine.trained[warm_steps:] for i in b.indices}
+    extra = engine.run_epoch(policy, 2, reader(order))
+    scored = {int(i) for s in engine.scored for i in s}
     # examples backpropagated in epoch 1 carry epoch-1 losses (valid); the others are rescored
     assert scored == set(range(n)) - backpropagated
     assert extra["sb_reused_fraction"] == pytest.approx(len(backpropagated) / n)
 
 
 def test_sb_state_round_trip_keeps_history_and_cache():
-    trainer = FakeTrainer(n=32, batch_size=8)
+    engine = FakeEngine(n=32, batch_size=8)
     policy = create_policy("stale-sb")
-    run_epoch(policy, trainer, 0, [list(range(s, s + 8)) for s in range(0, 32, 8)])
+    engine.run_epoch(policy, 0, reader(list(range(32))))
     copy = create_policy("stale-sb")
     copy.load_state_dict(policy.state_dict())
     assert torch.equal(copy._cache_loss, policy._cache_loss)

@@ -119,7 +119,7 @@ def test_cli_future_format_version_is_a_one_line_error(saved, in_tmp):
     future = in_tmp / "future.h5"
     shutil.copy(path, future)
     with h5py.File(future, "r+") as f:
-        f.attrs["format_version"] = 2
+        f.attrs["format_version"] = 3
     for args in (["train", "--quiet", "--train-size", "600", "--test-size", "200",
                   "--replay", str(future)], ["inspect", str(future)]):
         result = CliRunner().invoke(main, args)

@@ -301,9 +301,10 @@ class OnePassTrainer:
         self.feed = PassFeed(self.data, config.batch_size, marks, config.seed)
         self.files = RunFiles(out_dir) if out_dir is not None else None
         callbacks: list[Any] = [self._extend]
-        if self.files is not None and not claimed:
-            claim(self.files.dir)
-            callbacks.append(lambda _engine, record: self.files.append_log(record))
+        if self.files is not None:
+            if not claimed:
+                claim(self.files.dir)
+            callbacks.append(self._log)
         if progress:
             callbacks.append(ProgressBar(len(marks), "onepass"))
         self.engine = Engine(
@@ -313,6 +314,10 @@ class OnePassTrainer:
             batch_size=config.batch_size, device=self.device, precision=parts.precision,
             eval_every=1, callbacks=callbacks,
         )
+
+    def _log(self, engine: Engine, record: dict[str, Any]) -> None:
+        assert self.files is not None
+        self.files.append_log(record)
 
     def _extend(self, engine: Engine, record: dict[str, Any]) -> None:
         """The one-pass fields of a log record: storage and compute shares."""
