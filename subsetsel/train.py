@@ -23,12 +23,19 @@ from subsetsel.engine.files import RunDirError, RunFiles, claim, read_log
 from subsetsel.engine.loop import Engine, PerPeriod
 from subsetsel.engine.precision import Precision
 from subsetsel.engine.progress import ProgressBar
-from subsetsel.engine.schedule import ReplaySchedule, Schedule, StrategySchedule, SubsetFeed
+from subsetsel.engine.schedule import (
+    ReplaySchedule,
+    Schedule,
+    StrategySchedule,
+    SubsetFeed,
+    create_store,
+    open_replay,
+)
 from subsetsel.errors import NonFiniteError
 from subsetsel.online.base import POLICIES, Policy, create_policy
 from subsetsel.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 from subsetsel.selection.base import STRATEGIES, Selection, create_strategy
-from subsetsel.store import SelectionMetadata, SelectionStore
+from subsetsel.store import SelectionStore
 
 EpochCallback = Callable[[dict[str, Any]], None]
 LOADERS = ("auto", "tensor", "dataloader")
@@ -281,37 +288,18 @@ class Trainer:
         return self.feed.selection
 
     def _replay_schedule(self, path: str) -> ReplaySchedule:
-        """Open a selection file read-only and check it was made for this data."""
-        store = SelectionStore.open(path)
-        store.check_replayable(self.config.allow_incomplete)
-        store.check_compatible(
-            fingerprint=self.dataset.fingerprint(), dataset_size=len(self.dataset),
-            dataset=self.config.dataset, num_classes=self.dataset.num_classes,
-        )
-        self.warm_epochs, self.total_epochs = 0, self.config.epochs  # the file holds the warm-up
-        return ReplaySchedule(store, self.total_epochs)
-
-    def schedule_params(self) -> dict[str, Any]:
-        """The schedule's provenance: the strategy's parameters and schedule settings."""
-        params = getattr(self.schedule, "params", None)
-        return params() if callable(params) else {}
+        """The file's rounds over this run's epochs (the file holds any warm-up)."""
+        self.warm_epochs, self.total_epochs = 0, self.config.epochs
+        return open_replay(path, self.dataset, dataset=self.config.dataset,
+                           total_epochs=self.total_epochs,
+                           allow_incomplete=self.config.allow_incomplete)
 
     def _create_store(self, path: Path) -> SelectionStore:
-        replayed = isinstance(self.schedule, ReplaySchedule)
-        metadata = SelectionMetadata(
-            dataset=self.config.dataset,
-            dataset_size=len(self.dataset),
-            fingerprint=self.dataset.fingerprint(),
-            num_classes=self.dataset.num_classes,
-            strategy=(self.schedule.store.metadata.strategy if replayed  # type: ignore[attr-defined]
-                      else self.config.strategy),
-            strategy_params=self.schedule_params(),
-            model=str(self.config.model),
-            seed=self.config.seed,
-            epochs=self.total_epochs,
-            config=self.config.to_json(),
+        store = create_store(
+            path, data=self.dataset, dataset=self.config.dataset, schedule=self.schedule,
+            strategy=self.config.strategy, model=str(self.config.model), seed=self.config.seed,
+            epochs=self.total_epochs, config=self.config.to_json(),
         )
-        store = SelectionStore.create(path, metadata)
         self._created_store = True
         return store
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from subsetsel.cli.errors import one_line_errors
-from subsetsel.cli.options import threads_option
-from subsetsel.train import TrainConfig
+from subsetsel.cli.options import FLOAT, threads_option
+from subsetsel.train import LOADERS, TrainConfig
 
 if TYPE_CHECKING:
     from subsetsel.store import SelectionStore
@@ -19,6 +19,7 @@ _DEFAULTS = TrainConfig()
 INHERITED = (
     "dataset", "data_root", "train_size", "test_size", "model", "epochs", "batch_size",
     "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "seed", "data_seed",
+    "loader", "workers", "image_size", "amp", "channels_last",
 )
 
 
@@ -66,21 +67,26 @@ INHERITED = (
 @click.option("--dataset", help="Base training options below default to the selection file's "
                                 "run config, else to `subsetsel train`'s defaults.")
 @click.option("--data-root")
+@click.option("--loader", type=click.Choice(LOADERS),
+              help="tensor, dataloader or auto (as for `train`).")
+@click.option("--data-workers", "data_workers", type=click.IntRange(min=0),
+              help="DataLoader worker processes of each trial (train's --workers).")
+@click.option("--image-size", type=click.IntRange(min=8), help="folder: datasets.")
 @click.option("--train-size", type=int)
 @click.option("--test-size", type=int)
 @click.option("--model")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--optimizer")
-@click.option("--lr", type=float)
-@click.option("--momentum", type=float)
+@click.option("--lr", type=FLOAT)
+@click.option("--momentum", type=FLOAT)
 @click.option("--nesterov/--no-nesterov", default=None)
-@click.option("--weight-decay", type=float)
+@click.option("--weight-decay", type=FLOAT)
 @click.option("--schedule")
 @click.option("--seed", type=int, help="Seeds training and the sampler.")
 @click.option("--data-seed", type=int, help="Seed of the data (default: the selection file's).")
 @click.option("--device", default=_DEFAULTS.device, show_default=True)
-@click.option("--slow-input", type=float, default=0.0, show_default=True,
+@click.option("--slow-input", type=FLOAT, default=0.0, show_default=True,
               help="Simulated upstream cost, seconds per batch of fresh examples.")
 @click.option("--quiet", is_flag=True, help="No per-trial progress lines.")
 @threads_option
@@ -201,6 +207,9 @@ def _base_config(
     from subsetsel.store import SelectionStore, find_existing
 
     values = {k: v for k, v in options.items() if v is not None}
+    if "data_workers" in values:
+        values["workers"] = values.pop("data_workers")
+    values.pop("data_workers", None)
     store = None
     replay = None
     if selections is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -23,7 +24,7 @@ from subsetsel.data.sampler import epoch_order
 from subsetsel.engine.loop import Period
 from subsetsel.engine.precision import Precision
 from subsetsel.selection.base import Selection, SelectionContext, Strategy
-from subsetsel.store import SelectionStore
+from subsetsel.store import SelectionMetadata, SelectionStore
 
 
 class Schedule(Protocol):
@@ -110,7 +111,7 @@ class ReplaySchedule:
         """The replayed file's strategy parameters, and where they came from."""
         meta = self.store.metadata
         return {**meta.strategy_params, "replayed_from": str(self.store.path),
-                "replayed_file_id": getattr(meta, "file_id", "")}
+                "replayed_file_id": meta.file_id}
 
 
 class SubsetFeed:
@@ -168,3 +169,31 @@ class SubsetFeed:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["selection"] is not None:
             self.selection = Selection(**state["selection"])
+
+
+def open_replay(path: str | Path, data: TrainData, *, dataset: str, total_epochs: int,
+                allow_incomplete: bool = False) -> ReplaySchedule:
+    """A ReplaySchedule over a selection file, after checking the file can be replayed
+    (complete, unless allowed; a round at epoch 0) and was made for `data`."""
+    store = SelectionStore.open(path)
+    store.check_replayable(allow_incomplete)
+    store.check_compatible(fingerprint=data.fingerprint(), dataset_size=len(data),
+                           dataset=dataset, num_classes=data.num_classes)
+    return ReplaySchedule(store, total_epochs)
+
+
+def create_store(path: str | Path, *, data: TrainData, dataset: str, schedule: Schedule,
+                 strategy: str, model: str, seed: int, epochs: int,
+                 config: dict[str, Any]) -> SelectionStore:
+    """A new selection file for the rounds `schedule` will choose over `epochs` epochs (a
+    replayed schedule records the replayed file's strategy)."""
+    if isinstance(schedule, ReplaySchedule):
+        strategy = schedule.store.metadata.strategy
+    params = getattr(schedule, "params", None)
+    metadata = SelectionMetadata(
+        dataset=dataset, dataset_size=len(data), fingerprint=data.fingerprint(),
+        num_classes=data.num_classes, strategy=strategy,
+        strategy_params=params() if callable(params) else {}, model=model, seed=seed,
+        epochs=epochs, config=config,
+    )
+    return SelectionStore.create(path, metadata)

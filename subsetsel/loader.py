@@ -1,0 +1,223 @@
+"""`SubsetLoader`: subsetsel's selection and sampling for a training loop you write yourself.
+
+    loader = SubsetLoader(dataset, model=model, strategy="gradmatch", fraction=0.1,
+                          select_every=5, epochs=E, batch_size=128, num_workers=4,
+                          save_selections="sel.h5")
+    for epoch in range(E):
+        for inputs, targets, weights in loader:
+            losses = F.cross_entropy(model(inputs), targets, reduction="none")
+            loss = (losses * weights).sum() / weights.sum()
+            ...
+
+Each `iter(loader)` is one epoch. When a round is due it selects first (the model in eval mode,
+its mode restored afterwards; the seconds are in `select_seconds`), writes the round to the
+selection file exactly as `subsetsel train` does, then yields (inputs, targets, weights) batches
+of the subset in a seeded order, on `device`. `SubsetLoader(dataset, replay="sel.h5")` replays a
+file instead: no model, no selection cost (the file's fingerprint must match the dataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from subsetsel.data.base import EpochReader, TrainData
+from subsetsel.data.torch_dataset import TorchData
+from subsetsel.engine.precision import Precision
+from subsetsel.engine.schedule import (
+    Schedule,
+    StrategySchedule,
+    SubsetFeed,
+    create_store,
+    open_replay,
+)
+from subsetsel.selection.base import Selection, Strategy, create_strategy
+from subsetsel.store import SelectionStore, find_existing
+
+
+class SubsetLoader:
+    """Weighted subsets of `dataset`, re-selected every `select_every` epochs.
+
+    dataset: a map-style `torch.utils.data.Dataset` of (input, label) items (read through a
+    DataLoader with `num_workers` processes; `train_transform` / `eval_transform` are applied
+    to the inputs in the train / eval view, see `TorchData`), or a `TrainData`.
+    model: the network you train (needed by model-based strategies such as Grad-Match; its last
+    nn.Linear must output the logits). strategy: a registered name or a `Strategy` object;
+    `strategy_params` go to a named strategy. epochs: the run's length (recorded in the
+    selection file, which is marked complete after the last epoch; None: open-ended).
+    warm_start: kappa of Grad-Match's warm start (full-data epochs first).
+    replay: a selection file to replay instead (`epochs` defaults to the file's).
+    device: where batches are delivered (default: the model's device, else the CPU).
+    name: the dataset's name in selection files.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        model: nn.Module | None = None,
+        strategy: str | Strategy = "gradmatch",
+        fraction: float = 0.1,
+        select_every: int = 5,
+        epochs: int | None = None,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        save_selections: str | Path | None = None,
+        replay: str | Path | None = None,
+        allow_incomplete: bool = False,
+        strategy_params: dict[str, Any] | None = None,
+        warm_start: float = 0.0,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        train_transform: Callable[[Any], Any] | None = None,
+        eval_transform: Callable[[Any], Any] | None = None,
+        num_classes: int | None = None,
+        name: str = "dataset",
+        amp: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if select_every < 1:
+            raise ValueError(f"select_every must be >= 1, got {select_every}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if device is None:
+            device = next(model.parameters()).device if model is not None else "cpu"
+        self.device = torch.device(device)
+        if not isinstance(dataset, TrainData):
+            dataset = TorchData(dataset, train_transform=train_transform,
+                                eval_transform=eval_transform, num_classes=num_classes,
+                                name=name, num_workers=num_workers)
+        self.data: TrainData = dataset.to(self.device)
+        self.name = name
+        self.batch_size = batch_size
+        self.seed = seed
+        self.model = model
+        self.epoch = 0
+        self.select_seconds = 0.0  # all rounds so far
+        self.last_select_seconds = 0.0  # the current epoch's
+        if replay is not None:
+            path = find_existing(replay)
+            if epochs is None:
+                epochs = SelectionStore.open(path).metadata.epochs
+            schedule: Schedule = open_replay(path, self.data, dataset=name, total_epochs=epochs,
+                                             allow_incomplete=allow_incomplete)
+            strategy_name = "replay"
+        else:
+            if isinstance(strategy, str):
+                strategy_name = strategy
+                strategy = create_strategy(strategy, fraction=fraction, seed=seed,
+                                           **(strategy_params or {}))
+            else:
+                strategy_name = strategy.name
+            warm = 0
+            if warm_start:
+                from subsetsel.train import plan_epochs
+
+                if epochs is None:
+                    raise ValueError("warm_start needs epochs")
+                warm, epochs = plan_epochs(epochs, strategy.fraction, warm_start)
+            schedule = StrategySchedule(
+                strategy, select_every, model if model is not None else _NoModel(strategy_name),
+                self.data, batch_size, seed, self.device,
+                Precision(self.device, amp, channels_last), warm,
+            )
+        self.epochs = epochs
+        self.schedule = schedule
+        self.feed = SubsetFeed(schedule, self.data, epochs=epochs or 0, seed=seed)
+        if save_selections is not None and epochs is None:
+            raise ValueError("save_selections needs epochs (recorded in the file)")
+        self.save_selections = None if save_selections is None else Path(save_selections)
+        self._store_info = {
+            "dataset": name, "strategy": strategy_name, "seed": seed, "epochs": epochs,
+            "model": type(model).__name__ if model is not None else "-",
+            "config": {"batch_size": batch_size, "select_every": select_every,
+                       "fraction": fraction, "seed": seed, "epochs": epochs,
+                       "source": "SubsetLoader"},
+        }
+        self._reader: EpochReader | None = None
+
+    # ---- the epoch ---------------------------------------------------------------------------
+    def _prepare(self) -> EpochReader:
+        """Open the current epoch (selecting when a round is due), once."""
+        if self._reader is None:
+            if self.epochs is not None and self.epoch >= self.epochs:
+                raise LoaderExhausted(f"all {self.epochs} epochs were iterated")
+            if self.save_selections is not None and self.feed.store is None:
+                self.feed.store = create_store(self.save_selections, data=self.data,
+                                               schedule=self.schedule, **self._store_info)
+            self.data.check_length()
+            period = self.feed.open(self.epoch)
+            self.last_select_seconds = period.select_seconds
+            self.select_seconds += period.select_seconds
+            self._reader = period.reader
+        return self._reader
+
+    def __len__(self) -> int:
+        """Batches of the current epoch (selects first when a round is due)."""
+        return self._prepare().num_batches(self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+        reader = self._prepare()
+        for batch in reader.batches(self.batch_size):
+            yield batch.x, batch.y, batch.w
+        self._reader = None
+        self.epoch += 1
+        if self.epochs is not None and self.epoch == self.epochs:
+            self.feed.finish()
+
+    @property
+    def selection(self) -> Selection | None:
+        """The subset of the current (or last) epoch."""
+        return self.feed.selection
+
+    @property
+    def store(self) -> SelectionStore | None:
+        return self.feed.store
+
+    # ---- resuming ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch reached, the subset in force and the selection file's identity."""
+        return {"epoch": self.epoch, "feed": self.feed.state_dict(),
+                "select_seconds": self.select_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state_dict` was taken (the selection file must be the same one;
+        rounds written after it are dropped and chosen again)."""
+        self.epoch = int(state["epoch"])
+        self.select_seconds = float(state.get("select_seconds", 0.0))
+        self.feed.load_state_dict(state["feed"])
+        self._reader = None
+        identity = state["feed"].get("store")
+        if self.save_selections is not None:
+            if identity is None:
+                raise ValueError("the state records no selection file, but this loader saves one")
+            store = SelectionStore.open_for_resume(self.save_selections, identity)
+            store.truncate(before_epoch=self.epoch)
+            self.feed.store = store
+
+    def close(self) -> None:
+        self.data.close()
+
+
+class LoaderExhausted(RuntimeError):
+    """Iterating past the last epoch."""
+
+
+class _NoModel(nn.Module):
+    """Stands in for a missing model: a strategy that needs one gets a clear error."""
+
+    def __init__(self, strategy: str) -> None:
+        super().__init__()
+        self.strategy = strategy
+
+    def modules(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        raise ValueError(f"strategy {self.strategy!r} needs model= (the network you train)")
+
+
+__all__ = ["LoaderExhausted", "SubsetLoader"]
