@@ -79,7 +79,8 @@ class _ImageFolder(ImageFolder):
 
     def __init__(self, root: str, class_to_idx: dict[str, int] | None = None) -> None:
         self.fixed_classes = class_to_idx
-        super().__init__(root)
+        # the train folder's classes must all have images; a val folder may lack some of them
+        super().__init__(root, allow_empty=class_to_idx is not None)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes, found = super().find_classes(directory)
