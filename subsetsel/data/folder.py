@@ -45,6 +45,8 @@ def load_folder(spec: str, *, seed: int = 0, train_size: int | None = None,
                                    "PATH/train/CLASS/*.png and PATH/val/CLASS/*.png")
     train = _image_folder(train_dir, None)
     test = _image_folder(test_dir, train.class_to_idx)
+    if len(test) == 0:
+        raise DataError(f"{test_dir} holds no images: no test accuracy could be measured")
     keep = subsample_rows(len(train), train_size, seed, 1, "train_size")
     keep_test = subsample_rows(len(test), test_size, seed, 2, "test_size")
     train_data: Any = train if keep is None else torch.utils.data.Subset(train, keep.tolist())

@@ -132,6 +132,21 @@ def create_strategy(name: str, **params: Any) -> Strategy:
     return create_dataclass(STRATEGIES.get(name), params)
 
 
+def whole_batches(k: int, batches: int, batch_size: int, n: int, fraction: float,
+                  name: str) -> int:
+    """Batches a per-batch strategy picks for a budget of k examples: ceil(k / batch_size), at
+    most `batches`. A fraction below 1 that would pick every batch (so train on all n examples
+    under a subset's name) is refused with a one-line ValueError."""
+    m = min(batches, -(-k // batch_size))
+    if m >= batches and fraction < 1.0:
+        raise ValueError(
+            f"--strategy {name} picks whole batches of {batch_size}: --fraction {fraction:g} of "
+            f"{n} examples needs all {batches} batch(es), i.e. the full data; use a smaller "
+            "--batch-size or --fraction 1"
+        )
+    return m
+
+
 def fixed_partition(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     """Split range(n) once into seeded random mini-batches of `batch_size` (last may be smaller)."""
     perm = torch.randperm(n, generator=round_generator(seed, 0, salt=17))
@@ -145,6 +160,7 @@ __all__ = [
     "budget",
     "create_strategy",
     "fixed_partition",
+    "whole_batches",
     "register_strategy",
     "round_generator",
     "strategy_names",

@@ -35,6 +35,7 @@ from subsetsel.selection.base import (
     fixed_partition,
     register_strategy,
     round_generator,
+    whole_batches,
 )
 from subsetsel.selection.gradients import (
     CHUNK,
@@ -429,7 +430,8 @@ class GradMatchPB(_GradMatchBase):
     def _random(self, ctx: SelectionContext, cand: torch.Tensor, k: int) -> Selection:
         # the draw of `RandomPB` (same partition and generator), restricted to the candidates
         batches = [cand[b] for b in fixed_partition(cand.numel(), ctx.batch_size, self.seed)]
-        m = min(len(batches), math.ceil(k / ctx.batch_size))
+        m = whole_batches(k, len(batches), ctx.batch_size, cand.numel(), self.fraction,
+                          self.name)
         gen = round_generator(self.seed, ctx.round_index, salt=2)
         chosen = torch.randperm(len(batches), generator=gen)[:m].sort().values
         indices = torch.cat([batches[b] for b in chosen.tolist()])
@@ -462,7 +464,7 @@ class GradMatchPB(_GradMatchBase):
             target = _factor_sums(vd, ve, factors.bias)[0].to(cand.device) * (m / val.numel())
         else:
             target = rows.double().sum(0)
-        kb = min(m, math.ceil(k / ctx.batch_size))
+        kb = whole_batches(k, m, ctx.batch_size, cand.numel(), self.fraction, self.name)
         atoms = DenseAtoms(rows, target)
         _, pos, weights = self._solve(atoms, torch.tensor([kb], device=rows.device))
         keep = pos[0] >= 0

@@ -14,6 +14,7 @@ from subsetsel.selection.base import (
     fixed_partition,
     register_strategy,
     round_generator,
+    whole_batches,
 )
 
 
@@ -57,7 +58,8 @@ class RandomPB(Strategy):
     def select(self, ctx: SelectionContext) -> Selection:
         n = len(ctx.dataset)
         batches = fixed_partition(n, ctx.batch_size, self.seed)
-        m = min(len(batches), -(-budget(self.fraction, n) // ctx.batch_size))
+        m = whole_batches(budget(self.fraction, n), len(batches), ctx.batch_size, n,
+                          self.fraction, self.name)
         gen = round_generator(self.seed, ctx.round_index, salt=2)
         chosen = torch.randperm(len(batches), generator=gen)[:m].sort().values
         indices = torch.cat([batches[b] for b in chosen.tolist()])
