@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from subsetsel.data import load_dataset
-from subsetsel.stream import OnePassConfig, OnePassTrainer
+from subsetsel.data.base import Batch
+from subsetsel.onepass.stream import OnePassConfig, OnePassTrainer
+from subsetsel.online.base import StepBatch
 from subsetsel.train import TrainConfig, Trainer
 
 
@@ -199,6 +201,15 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
           f"--alpha {args.alpha:g} --seed 0 --quiet")
 
 
+def _advance(stream: Any, trainer: OnePassTrainer, kind: str) -> None:
+    """Take the steps of the one-pass stream up to and including the next one of `kind`."""
+    while True:
+        step = next(stream)
+        trainer.policy.observe(step, trainer.engine.step(step))
+        if step.tag[0] == kind:
+            return
+
+
 def overhead(args: argparse.Namespace, rounds: int = 7, steps: int = 100) -> None:
     """Median seconds of a replay step (sample, gather, step, refresh) vs a plain step on a
     fixed batch, alternating in one process."""
@@ -207,20 +218,21 @@ def overhead(args: argparse.Namespace, rounds: int = 7, steps: int = 100) -> Non
         config = OnePassConfig(storage=max(args.storages), replay_steps=1, priority=priority,
                                alpha=args.alpha, device="cpu")
         trainer = OnePassTrainer(config, dataset=data)
-        source = trainer.make_source()
-        for _, raw in zip(range(trainer.buffer.capacity // config.batch_size + 1),
-                          source.raw_batches(), strict=False):
-            trainer.buffer.add(raw.indices, raw.x, raw.y, trainer.step(raw.x, raw.y, None))
+        engine, policy = trainer.engine, trainer.policy
+        stream = iter(policy.plan(trainer.feed.open(0).reader, engine.context()))
+        while len(trainer.buffer) < trainer.buffer.capacity:
+            _advance(stream, trainer, "incoming")
         x, y = data.x_train[: config.batch_size], data.y_train[: config.batch_size]
+        fixed = StepBatch(Batch(torch.arange(len(y)), x, y, torch.ones(len(y))), mean_loss=True)
         plain, replay = [], []
         for _ in range(rounds):
             start = time.perf_counter()
             for _ in range(steps):
-                trainer.step(x, y, None)
+                engine.step(fixed)
             plain.append((time.perf_counter() - start) / steps)
             start = time.perf_counter()
             for _ in range(steps):
-                trainer.replay(source)
+                _advance(stream, trainer, "replay")
             replay.append((time.perf_counter() - start) / steps)
         p, r = statistics.median(plain), statistics.median(replay)
         print(f"{priority}: plain step {1e3 * p:.3f} ms, replay step {1e3 * r:.3f} ms, "

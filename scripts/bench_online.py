@@ -100,7 +100,8 @@ class CpuClock:
 
     def __init__(self, trainer: Trainer) -> None:
         self.eval_seconds = 0.0
-        evaluate = trainer.evaluate
+        engine = trainer.engine
+        evaluate = engine.evaluate
 
         def timed_evaluate(*args: Any, **kwargs: Any) -> tuple[float, float]:
             start = time.thread_time()
@@ -109,11 +110,11 @@ class CpuClock:
             finally:
                 self.eval_seconds += time.thread_time() - start
 
-        trainer.evaluate = timed_evaluate  # type: ignore[method-assign]
-        trainer.callbacks.append(self.record)
+        engine.evaluate = timed_evaluate  # type: ignore[method-assign]
+        engine.callbacks.append(self.record)
         self.start = time.thread_time()
 
-    def record(self, record: dict[str, Any]) -> None:
+    def record(self, engine: Any, record: dict[str, Any]) -> None:
         record["cpu_seconds"] = time.thread_time() - self.start - self.eval_seconds
 
 

@@ -27,6 +27,8 @@ from torch import nn
 
 from subsetsel.data.base import EpochReader, TrainData
 from subsetsel.data.torch_dataset import TorchData
+from subsetsel.engine import dist
+from subsetsel.engine.dist import Dist
 from subsetsel.engine.precision import Precision
 from subsetsel.engine.schedule import (
     Schedule,
@@ -53,6 +55,11 @@ class SubsetLoader:
     replay: a selection file to replay instead (`epochs` defaults to the file's).
     device: where batches are delivered (default: the model's device, else the CPU).
     name: the dataset's name in selection files.
+    distributed: under torch.distributed (None: whenever a process group is initialised) every
+    rank iterates its shard of the subset (the same number of batches everywhere, padded with
+    weight-0 copies as DistributedSampler pads), Grad-Match selects with the ranks together,
+    and rank 0 alone writes the selection file. Use `global_loss` for the loss normalised over
+    the whole global batch.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class SubsetLoader:
         name: str = "dataset",
         amp: bool = False,
         channels_last: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -89,6 +97,11 @@ class SubsetLoader:
         if device is None:
             device = next(model.parameters()).device if model is not None else "cpu"
         self.device = torch.device(device)
+        group = dist.current(self.device)
+        if distributed and not group.active:
+            raise ValueError("distributed=True needs an initialised torch.distributed process "
+                             "group of more than one rank")
+        self.dist = group if distributed is not False else Dist.local(self.device)
         if not isinstance(dataset, TrainData):
             dataset = TorchData(dataset, train_transform=train_transform,
                                 eval_transform=eval_transform, num_classes=num_classes,
@@ -125,14 +138,15 @@ class SubsetLoader:
             schedule = StrategySchedule(
                 strategy, select_every, model if model is not None else _NoModel(strategy_name),
                 self.data, batch_size, seed, self.device,
-                Precision(self.device, amp, channels_last), warm,
+                Precision(self.device, amp, channels_last), warm, self.dist,
             )
         self.epochs = epochs
         self.schedule = schedule
-        self.feed = SubsetFeed(schedule, self.data, epochs=epochs or 0, seed=seed)
+        self.feed = SubsetFeed(schedule, self.data, epochs=epochs or 0, seed=seed, dist=self.dist)
         if save_selections is not None and epochs is None:
             raise ValueError("save_selections needs epochs (recorded in the file)")
-        self.save_selections = None if save_selections is None else Path(save_selections)
+        self.save_selections = (None if save_selections is None or not self.dist.main
+                                else Path(save_selections))  # rank 0 alone writes it
         self._store_info = {
             "dataset": name, "strategy": strategy_name, "seed": seed, "epochs": epochs,
             "model": type(model).__name__ if model is not None else "-",
@@ -170,6 +184,15 @@ class SubsetLoader:
         self.epoch += 1
         if self.epochs is not None and self.epoch == self.epochs:
             self.feed.finish()
+
+    def global_loss(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum(w * l) / sum(w) over the global batch of all ranks, scaled so that DDP's
+        gradient average gives that loss's gradient (in one process: the plain weighted mean).
+        Costs one all-reduce of sum(w) per step under torch.distributed."""
+        total = weights.sum()
+        if self.dist.active:
+            total = self.dist.all_reduce(total.detach().clone()) / self.dist.world
+        return (losses * weights).sum() / total.clamp_min(1e-12)
 
     @property
     def selection(self) -> Selection | None:

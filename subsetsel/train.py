@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from subsetsel.data.base import TrainData
+from subsetsel.engine import dist
+from subsetsel.engine.dist import Dist
 from subsetsel.engine.files import RunDirError, RunFiles, claim, read_log
 from subsetsel.engine.loop import Engine, PerPeriod
 from subsetsel.engine.precision import Precision
@@ -73,6 +75,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False  # bf16 autocast for training, evaluation and selection forwards
     channels_last: bool = False  # NHWC layout for convolutional models
+    sync_bn: bool = False  # under torch.distributed: SyncBatchNorm instead of BatchNorm
     eval_every: int = 1  # epochs between test evaluations; 0: only after the last epoch
     slow_input: float = 0.0  # simulated upstream cost, seconds per batch of fresh examples
     replay: str | None = None  # path of a selection file to replay instead of selecting
@@ -168,8 +171,9 @@ def load_data(config: TrainConfig, device: torch.device | str = "cpu") -> TrainD
 
 @dataclass
 class Parts:
-    """What every run is made of: the config (model name filled in), device, data, model,
-    precision settings and optimizer."""
+    """What every run is made of: the config (model name filled in), device, data, model
+    (wrapped in DistributedDataParallel under torch.distributed), precision settings,
+    optimizer and the process group."""
 
     config: TrainConfig
     device: torch.device
@@ -177,13 +181,16 @@ class Parts:
     model: nn.Module
     precision: Precision
     optimizer: torch.optim.Optimizer
+    dist: Dist
 
 
 def build_parts(config: TrainConfig, *, model: nn.Module | None = None,
                 dataset: TrainData | None = None) -> Parts:
-    """Validate `config` and build its data, model (seeded by config.seed) and optimizer."""
+    """Validate `config` and build its data, model (seeded by config.seed) and optimizer;
+    under torchrun, join the process group and wrap the model in DistributedDataParallel."""
     config.validate()
-    device = resolve_device(config.device)
+    group = dist.init(resolve_device(config.device))
+    device = group.device
     torch.manual_seed(config.seed)
     data = (dataset if dataset is not None else load_data(config, device)).to(device)
     if model is None:
@@ -194,11 +201,20 @@ def build_parts(config: TrainConfig, *, model: nn.Module | None = None,
         model = build_model(config.model, data.input_shape, data.num_classes)
     precision = Precision(device, config.amp, config.channels_last)
     model = precision.model(model.to(device))
+    if group.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if config.sync_bn:
+            if device.type != "cuda":
+                raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(
         config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum,
         nesterov=config.nesterov, weight_decay=config.weight_decay,
     )
-    return Parts(config, device, data, model, precision, optimizer)
+    return Parts(config, device, data, model, precision, optimizer, group)
 
 
 class Trainer:
@@ -229,8 +245,9 @@ class Trainer:
     ) -> None:
         parts = build_parts(config, model=model, dataset=dataset)
         self.config = config
-        self.device, self.dataset, self.model = parts.device, parts.data, parts.model
-        self.precision, self.optimizer = parts.precision, parts.optimizer
+        self.device, self.dataset = parts.device, parts.data
+        self.model = getattr(parts.model, "module", parts.model)  # the network itself
+        self.precision, self.optimizer, self.dist = parts.precision, parts.optimizer, parts.dist
         self.warm_epochs, self.total_epochs = plan_epochs(config.epochs, config.fraction,
                                                           config.warm_start)
         if schedule is None and config.replay:
@@ -240,37 +257,38 @@ class Trainer:
                                        seed=config.seed, **config.strategy_params)
             schedule = StrategySchedule(
                 strategy, config.select_every, self.model, self.dataset, config.batch_size,
-                config.seed, self.device, self.precision, self.warm_epochs,
+                config.seed, self.device, self.precision, self.warm_epochs, self.dist,
             )
         self.schedule = schedule
         self.policy = policy if policy is not None else create_policy(config.policy,
                                                                       **config.policy_params)
         self.feed = SubsetFeed(schedule, self.dataset, epochs=self.total_epochs, seed=config.seed,
-                               read_delay=config.slow_input / config.batch_size)
+                               read_delay=config.slow_input / config.batch_size, dist=self.dist)
         self.files = RunFiles(out_dir) if out_dir is not None else None
+        main = self.dist.main  # only rank 0 writes files
         hooks: list[Any] = []
-        if self.files is not None:
+        if self.files is not None and main:
             hooks += [self._log, self._checkpoint]
         hooks += [_record_hook(cb) for cb in callbacks or []]
         self.engine = Engine(
-            model=self.model, data=self.dataset, optimizer=self.optimizer,
+            model=parts.model, data=self.dataset, optimizer=self.optimizer,
             lr=PerPeriod(build_schedule(config.schedule, self.optimizer, self.total_epochs)),
             feed=self.feed, policy=self.policy, seed=config.seed,
             batch_size=config.batch_size, device=self.device, precision=self.precision,
-            eval_every=config.eval_every, callbacks=hooks,
+            eval_every=config.eval_every, callbacks=hooks, dist=self.dist,
         )
         self._created_store = False
         self._resume = resume
         if resume:
             self._load_checkpoint()
-        elif self.files is not None and not claimed:
+        elif self.files is not None and not claimed and main:
             claim(self.files.dir)
-        if store is not None:
+        if store is not None and main:  # other ranks never touch the selection file
             store.truncate(before_epoch=self.engine.period)
             self.feed.store = store
-        elif config.save_selections and self.feed.store is None:
+        elif config.save_selections and self.feed.store is None and main:
             self.feed.store = self._create_store(Path(config.save_selections))
-        if progress:
+        if progress and main:
             self.engine.callbacks.append(ProgressBar(self.total_epochs, done=self.engine.period))
 
     # ---- pieces ------------------------------------------------------------------------------
@@ -306,7 +324,7 @@ class Trainer:
     # ---- running -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train all remaining epochs; return the run summary."""
-        if self.files is not None and not self._resume:
+        if self.files is not None and not self._resume and self.dist.main:
             self.files.write_config(self._config_info())
         try:
             self.engine.fit()
@@ -317,8 +335,9 @@ class Trainer:
             raise
         finally:
             self.dataset.close()
-        summary = {**self.engine.summary(), "config": self.config.to_json()}
-        if self.files is not None:
+        summary = {**self.engine.summary(), "config": self.config.to_json(),
+                   "world_size": self.dist.world}
+        if self.files is not None and self.dist.main:
             self.files.write_summary(summary)
         return summary
 
@@ -331,6 +350,7 @@ class Trainer:
             "dataset_size": len(self.dataset),
             "fingerprint": self.dataset.fingerprint(),
             "device": str(self.device),
+            "world_size": self.dist.world,
             "policy_params": self.policy.params(),
             "selection_file": None if store is None else store.identity(),
         }
@@ -357,9 +377,12 @@ class Trainer:
             raise RunDirError(f"{self.files.dir} holds a run with another config; "
                               "not resuming it")
         state = self.files.load_checkpoint(self.device)
-        path = Path(self.config.save_selections) if self.config.save_selections else None
+        main = self.dist.main
+        path = (Path(self.config.save_selections) if self.config.save_selections and main
+                else None)
         if state is None:
-            self.files.log_path.unlink(missing_ok=True)
+            if main:
+                self.files.log_path.unlink(missing_ok=True)
             self._resume = False  # nothing to continue: a fresh start in the claimed folder
             identity = stored.get("selection_file")
             if path is not None and path.exists() and identity:
@@ -375,7 +398,8 @@ class Trainer:
             store = SelectionStore.open_for_resume(path, identity)
             store.truncate(before_epoch=self.engine.period)
             self.feed.store = store
-        self.files.rewrite_log(self.engine.history)
+        if main:
+            self.files.rewrite_log(self.engine.history)
 
 
 def _record_hook(callback: EpochCallback) -> Callable[[Engine, dict[str, Any]], None]:

@@ -19,11 +19,12 @@ def one_line_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from subsetsel.data import DataError, DatasetNotFoundError
+        from subsetsel.engine.dist import DistributedError
         from subsetsel.store import IncompatibleSelectionError, SelectionFileError
 
         try:
             return func(*args, **kwargs)
-        except (DataError, DivergenceError) as err:  # bad data or a diverging run: not usage
+        except (DataError, DivergenceError, DistributedError) as err:  # not usage errors
             raise click.ClickException(first_line(err)) from None
         except (UnknownNameError, ValueError) as err:
             raise click.UsageError(first_line(err)) from None

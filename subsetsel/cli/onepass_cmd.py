@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
+from subsetsel.cli.launch import launch
 from subsetsel.cli.options import FLOAT, data_options, optimization_options, threads_option
 from subsetsel.onepass.buffer import INSERTIONS
 from subsetsel.onepass.stream import ALPHA_DECAYS, PRIORITIES, OnePassConfig
@@ -53,20 +54,36 @@ def default_run_name(config: OnePassConfig) -> str:
 @optimization_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Run directory for config.json, log.jsonl, summary.json (default runs/NAME).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Start this many processes with torchrun's launcher; each streams its shard "
+                   "and keeps its share of the buffer.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @threads_option
 @one_line_errors
-def onepass(out_dir: str | None, quiet: bool, as_json: bool, **options: object) -> None:
+def onepass(out_dir: str | None, quiet: bool, as_json: bool, nproc: int | None,
+            **options: object) -> None:
     """Train in one pass over the data with a bounded (prioritised) replay buffer."""
+    if nproc is not None:
+        launch("onepass", nproc)
+        return
+    from subsetsel.engine import dist
     from subsetsel.engine.files import claim
     from subsetsel.onepass.stream import run_onepass
+    from subsetsel.train import resolve_device
 
     config = OnePassConfig(**options)  # type: ignore[arg-type]
     config.validate()
-    out = claim(Path(out_dir)) if out_dir else claim(Path("runs") / default_run_name(config),
-                                                     unique=True)
+    group = dist.init(resolve_device(config.device))
+    out = None
+    if group.main:
+        out = claim(Path(out_dir)) if out_dir else claim(
+            Path("runs") / default_run_name(config), unique=True)
+    out = group.broadcast_object(out)
     summary = run_onepass(config, out, claimed=True, progress=not quiet)
+    dist.shutdown()
+    if not group.main:
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from subsetsel.cli.errors import one_line_errors
+from subsetsel.cli.launch import launch
 from subsetsel.cli.options import FLOAT, data_options, optimization_options, threads_option
 from subsetsel.cli.params import options_for, refuse_inapplicable, take
 from subsetsel.online.base import POLICIES
@@ -54,21 +55,32 @@ POLICY_FIELDS, policy_options = options_for(POLICIES, "policy")
                    "defaults to the file's.")
 @click.option("--allow-incomplete", is_flag=True,
               help="Replay a selection file whose run stopped early, over the epochs it covers.")
+@click.option("--sync-bn", is_flag=True, default=_DEFAULTS.sync_bn,
+              help="torch.distributed: SyncBatchNorm across ranks instead of BatchNorm.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Start this many processes on this machine with torchrun's launcher "
+                   "(torch.distributed: DDP training, sharded selection).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @threads_option
 @one_line_errors
 def train(
     out_dir: str | None, resume_dir: str | None, save_selections: str | None, quiet: bool,
-    as_json: bool, **options: object,
+    as_json: bool, nproc: int | None, **options: object,
 ) -> None:
     """Train a model on weighted subsets chosen by a selection strategy."""
+    ctx = click.get_current_context()
+    if nproc is not None:
+        launch(ctx.command.name or "train", nproc)
+        return
+    from subsetsel.engine import dist
     from subsetsel.engine.files import claim
     from subsetsel.run import default_run_name, load_run_config, run
     from subsetsel.store import find_existing, resolve_path
+    from subsetsel.train import resolve_device
 
-    ctx = click.get_current_context()
     selecting = ctx.command.name == "select"
+    group = dist.Dist.local()
     if resume_dir is not None:
         config = load_run_config(resume_dir)
         out = Path(resume_dir)
@@ -85,15 +97,23 @@ def train(
                 from subsetsel.store import SelectionStore
 
                 config.epochs = SelectionStore.open(config.replay).metadata.epochs
-        name = default_run_name(config)
-        out = claim(Path(out_dir), unique=False) if out_dir else claim(Path("runs") / name,
-                                                                        unique=True)
-        if save_selections:
-            config.save_selections = str(resolve_path(save_selections))
-        elif config.strategy != "full" and config.replay is None:
-            config.save_selections = str(resolve_path(out.name))
+        group = dist.init(resolve_device(config.device))
+        if group.main:  # rank 0 names and claims the run folder; the others are told
+            name = default_run_name(config)
+            out = claim(Path(out_dir), unique=False) if out_dir else claim(
+                Path("runs") / name, unique=True)
+            if save_selections:
+                config.save_selections = str(resolve_path(save_selections))
+            elif config.strategy != "full" and config.replay is None:
+                config.save_selections = str(resolve_path(out.name))
+        out, config.save_selections = group.broadcast_object(
+            (out if group.main else None, config.save_selections))
     summary = run(config, out, resume=resume_dir is not None, claimed=resume_dir is None,
                   progress=not quiet)
+    group = dist.init(resolve_device(config.device))
+    dist.shutdown()
+    if not group.main:
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

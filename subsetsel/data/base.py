@@ -164,8 +164,10 @@ class TrainData(ABC):
         over `indices` (default: every training example in order)."""
 
     @abstractmethod
-    def test_batches(self, chunk: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) of the test split on the device, eval view, in chunks."""
+    def test_batches(self, chunk: int = 1024, rank: int = 0, world: int = 1
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of the test split on the device, eval view, in chunks; under torch.distributed
+        rank r reads test examples r, r + world, ... (the sums over ranks cover the split)."""
 
     def check_length(self) -> None:  # noqa: B027 - nothing to check for fixed-size data
         """Raise DataError when the underlying data changed size since it was opened."""

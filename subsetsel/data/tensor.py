@@ -134,9 +134,13 @@ class TensorData(TrainData):
             part = indices[start : start + chunk]
             yield part, self.x_train[part], self.y_train[part]
 
-    def test_batches(self, chunk: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, self.test_size(), chunk):
-            yield self.x_test[start : start + chunk], self.y_test[start : start + chunk]
+    def test_batches(self, chunk: int = 1024, rank: int = 0, world: int = 1
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x, y = self.x_test, self.y_test
+        if world > 1:
+            x, y = x[rank::world], y[rank::world]
+        for start in range(0, int(y.shape[0]), chunk):
+            yield x[start : start + chunk], y[start : start + chunk]
 
 
 class TensorReader(EpochReader):

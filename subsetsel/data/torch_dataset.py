@@ -155,11 +155,12 @@ class TorchData(TrainData):
         for idx, x, y in self._run("eval", plan):
             yield idx.to(self._device), x, y
 
-    def test_batches(self, chunk: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def test_batches(self, chunk: int = 1024, rank: int = 0, world: int = 1
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.test is None:
             return
-        n = len(self.test)
-        plan = (list(range(s, min(s + chunk, n))) for s in range(0, n, chunk))
+        mine = list(range(rank, len(self.test), world))
+        plan = (mine[s : s + chunk] for s in range(0, len(mine), chunk))
         for _, x, y in self._run("test", plan):
             yield x, y
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from subsetsel.data.base import EpochReader, TrainData
+from subsetsel.engine.dist import Dist
 from subsetsel.engine.precision import Precision
 from subsetsel.errors import DivergenceError
 from subsetsel.models import capture_last_input
@@ -138,8 +139,9 @@ class Engine:
         precision: Precision | None = None,
         eval_every: int = 1,
         callbacks: list[Callback] | None = None,
+        dist: Dist | None = None,
     ) -> None:
-        self.model = model
+        self.model = model  # possibly DistributedDataParallel; `module` is the network
         self.data = data
         self.optimizer = optimizer
         self.lr = lr
@@ -151,6 +153,7 @@ class Engine:
         self.precision = precision or Precision(device)
         self.eval_every = eval_every
         self.callbacks = list(callbacks or [])
+        self.dist = dist or Dist.local(device)
         self.period = 0  # the next period to train
         self.counts = Counters()
         self.total_counts = Counters()
@@ -159,46 +162,67 @@ class Engine:
         self._loss_sum = torch.zeros((), device=device)
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=device)
 
+    @property
+    def module(self) -> nn.Module:
+        """The network itself (unwrapped from DistributedDataParallel)."""
+        return getattr(self.model, "module", self.model)
+
     # ---- forwards and steps ------------------------------------------------------------------
     @torch.no_grad()
     def score(self, x: torch.Tensor, y: torch.Tensor, embeddings: bool = False) -> Scored:
         """A no-grad eval-mode forward, counted as forwarded examples (model left in train)."""
-        self.model.eval()
-        with capture_last_input(self.model, embeddings) as inputs:
-            logits = self.precision.forward(self.model, x)
-        self.model.train()
+        module = self.module
+        module.eval()
+        with capture_last_input(module, embeddings) as inputs:
+            logits = self.precision.forward(module, x)
+        module.train()
         self.counts.forwarded += int(x.shape[0])
         emb = inputs[-1] if inputs else None
         return Scored(logits, F.cross_entropy(logits, y, reduction="none"), emb)
 
     def step(self, step: StepBatch, embeddings: bool = False) -> StepOut:
-        """One optimizer step on the step batch's weighted loss."""
+        """One optimizer step on the step batch's weighted loss.
+
+        Under torch.distributed the loss is the global one: sum(w * l) / sum(w) (or the mean)
+        over the batches of all ranks, from one all-reduce of (sum w, rows, sum w * l); each
+        rank's loss is scaled by the world size because DDP averages the gradients."""
         batch = step.batch
         self.model.train()
-        with capture_last_input(self.model, embeddings) as inputs:
+        with capture_last_input(self.module, embeddings) as inputs:
             logits = self.precision.forward(self.model, batch.x)
         losses = F.cross_entropy(logits, batch.y, reduction="none")
-        if step.mean_loss:
-            loss = (losses * batch.w).mean()
+        weighted = (losses * batch.w).sum()
+        if self.dist.active:
+            totals = torch.stack([batch.w.sum().float(),
+                                  torch.tensor(float(len(batch)), device=losses.device),
+                                  weighted.detach().float()])
+            self.dist.all_reduce(totals)
+            norm = totals[1] if step.mean_loss else totals[0].clamp_min(1e-12)
+            loss = weighted * (self.dist.world / norm)
+            value = totals[2] / norm  # the global loss, the same on every rank
         else:
-            loss = (losses * batch.w).sum() / batch.w.sum().clamp_min(1e-12)
+            if step.mean_loss:
+                loss = (losses * batch.w).mean()
+            else:
+                loss = weighted / batch.w.sum().clamp_min(1e-12)
+            value = loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._check_finite(loss)
+        self._check_finite(value)
         self.optimizer.step()
         self.lr.after_step()
         n = len(batch)
         self.counts.forwarded += n
         self.counts.backpropagated += n
         self.counts.steps += 1
-        self._loss_sum += loss.detach()
+        self._loss_sum += value
         return StepOut(losses.detach(), logits.detach(), inputs[-1] if inputs else None)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Stop at a non-finite loss: at once on the CPU; on a GPU the first bad step is kept on
         the device and read at the end of the period (no host sync per step)."""
         if self.device.type == "cpu":
-            if not math.isfinite(float(loss.detach())):
+            if not math.isfinite(float(loss)):
                 self._diverged(self.counts.steps)
             return
         bad = ~torch.isfinite(loss.detach()) & (self._bad_step < 0)
@@ -216,26 +240,28 @@ class Engine:
     def evaluate(self, chunk: int = 1024) -> tuple[float | None, float | None]:
         """(test accuracy in [0, 1], mean test loss), or (None, None) without a test split; a
         non-finite mean loss is reported as None (strict JSON logs)."""
-        self.model.eval()
-        correct = torch.zeros((), device=self.device)
-        loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        n = 0
-        for x, y in self.data.test_batches(chunk):
-            logits = self.precision.forward(self.model, x)
-            correct += (logits.argmax(1) == y).sum()
-            loss += F.cross_entropy(logits, y, reduction="sum").double()
-            n += int(y.shape[0])
-        self.model.train()
+        module = self.module
+        module.eval()
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # correct, loss, n
+        for x, y in self.data.test_batches(chunk, self.dist.rank, self.dist.world):
+            logits = self.precision.forward(module, x)
+            totals[0] += (logits.argmax(1) == y).sum()
+            totals[1] += F.cross_entropy(logits, y, reduction="sum").double()
+            totals[2] += y.shape[0]
+        module.train()
+        self.dist.all_reduce(totals)  # the test split is sharded over ranks
+        correct, loss, n = totals.tolist()
         if n == 0:
             return None, None
-        mean = float(loss) / n
-        return float(correct) / n, mean if math.isfinite(mean) else None
+        mean = loss / n
+        return correct / n, mean if math.isfinite(mean) else None
 
     def context(self) -> PolicyContext:
         return PolicyContext(
             epoch=self.period, epochs=self.feed.periods, seed=self.seed,
             batch_size=self.batch_size, dataset_size=len(self.data), device=self.device,
             score=self.score, image_inputs=len(self.data.input_shape) == 3,
+            rank=self.dist.rank,
         )
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -271,6 +297,11 @@ class Engine:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this period trained at
         self.lr.after_period()
         self.counts.fresh = opened.reader.fresh
+        if self.dist.active:  # examples of all ranks; the steps are shared
+            seen = torch.tensor([self.counts.forwarded, self.counts.backpropagated,
+                                 self.counts.fresh], device=self.device, dtype=torch.float64)
+            self.counts.forwarded, self.counts.backpropagated, self.counts.fresh = (
+                int(v) for v in self.dist.all_reduce(seen).tolist())
         train_loss = float(self._loss_sum) / max(1, self.counts.steps)
         if self.device.type != "cpu":
             torch.cuda.synchronize(self.device)
@@ -321,7 +352,7 @@ class Engine:
         one to train)."""
         return {
             "period": self.period,
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr": self.lr.state_dict(),
             "feed": self.feed.state_dict(),
@@ -332,7 +363,7 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["lr"])
         self.feed.load_state_dict(state["feed"])

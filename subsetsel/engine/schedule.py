@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from subsetsel.data.base import TrainData
-from subsetsel.data.sampler import epoch_order
+from subsetsel.data.sampler import epoch_order, shard
+from subsetsel.engine.dist import Dist
 from subsetsel.engine.loop import Period
 from subsetsel.engine.precision import Precision
 from subsetsel.selection.base import Selection, SelectionContext, Strategy
@@ -50,6 +51,7 @@ class StrategySchedule:
     device: torch.device
     precision: Precision
     warm_epochs: int = 0
+    dist: Dist | None = None
 
     def selection_for(self, epoch: int) -> Selection | None:
         if epoch < self.warm_epochs:
@@ -60,7 +62,7 @@ class StrategySchedule:
         ctx = SelectionContext(
             model=self.model, dataset=self.data, epoch=epoch,
             round_index=offset // self.select_every, batch_size=self.batch_size, seed=self.seed,
-            device=self.device, precision=self.precision,
+            device=self.device, precision=self.precision, dist=self.dist,
         )
         start = time.perf_counter()
         was_training = self.model.training
@@ -117,18 +119,22 @@ class ReplaySchedule:
 class SubsetFeed:
     """Epochs of training on the subset in force (see the module docstring).
 
-    store: the selection file new rounds are appended to (None: nothing is saved).
-    read_delay: simulated upstream cost, seconds per example read.
+    store: the selection file new rounds are appended to (None: nothing is saved; under
+    torch.distributed only rank 0 holds it). read_delay: simulated upstream cost, seconds per
+    example read. dist: under torch.distributed each rank reads its shard of the order
+    (`subsetsel.data.sampler.shard`).
     """
 
     def __init__(self, schedule: Schedule, data: TrainData, *, epochs: int, seed: int,
-                 store: SelectionStore | None = None, read_delay: float = 0.0) -> None:
+                 store: SelectionStore | None = None, read_delay: float = 0.0,
+                 dist: Dist | None = None) -> None:
         self.schedule = schedule
         self.data = data
         self.periods = epochs
         self.seed = seed
         self.store = store
         self.read_delay = read_delay
+        self.dist = dist or Dist.local()
         self.selection: Selection | None = None
 
     def open(self, period: int) -> Period:
@@ -140,7 +146,8 @@ class SubsetFeed:
                 self.store.append(new)
         if self.selection is None:
             raise RuntimeError(f"the schedule gave no selection for the first epoch ({period})")
-        order = epoch_order(self.selection, self.seed, period)
+        order = shard(epoch_order(self.selection, self.seed, period), self.dist.rank,
+                      self.dist.world)
         reader = self.data.reader(order.indices, order.weights, order.aug_seed, self.read_delay)
         fields = {"subset_size": len(self.selection), "new_selection": new is not None}
         log_fields = getattr(self.schedule, "log_fields", None)

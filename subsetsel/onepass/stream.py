@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from subsetsel.data.base import Batch, EpochReader, TrainData
-from subsetsel.data.sampler import epoch_order
+from subsetsel.data.sampler import epoch_order, shard
 from subsetsel.data.tensor import TensorData
+from subsetsel.engine.dist import Dist
 from subsetsel.engine.files import RunFiles, claim
 from subsetsel.engine.loop import Engine, Period, PerStep
 from subsetsel.engine.progress import ProgressBar
@@ -166,13 +167,16 @@ def log_marks(num_batches: int, log_every: float) -> list[int]:
 class PassFeed:
     """The one-pass stream as periods: the training set once, in the order of epoch 0 of
     `subsetsel train` with this seed, cut at the log marks (period p covers batches
-    marks[p-1] .. marks[p]); every period reads on from the same reader."""
+    marks[p-1] .. marks[p]); every period reads on from the same reader. Under
+    torch.distributed each rank streams its shard of that order."""
 
-    def __init__(self, data: TrainData, batch_size: int, marks: list[int], seed: int) -> None:
+    def __init__(self, data: TrainData, batch_size: int, marks: list[int], seed: int,
+                 dist: Dist | None = None) -> None:
         self.marks = marks
         self.periods = len(marks)
         self.batch_size = batch_size
-        order = epoch_order(Selection.full(len(data)), seed, 0)
+        group = dist or Dist.local()
+        order = shard(epoch_order(Selection.full(len(data)), seed, 0), group.rank, group.world)
         self.reader = data.reader(order.indices, order.weights, order.aug_seed)
         self.num_batches = marks[-1] if marks else 0
 
@@ -281,38 +285,39 @@ class OnePassTrainer:
         parts = build_parts(config.train_config(), model=model, dataset=dataset)
         config.model = parts.config.model
         self.model, self.data, self.device = parts.model, parts.data, parts.device
-        self.optimizer = parts.optimizer
+        self.optimizer, self.dist = parts.optimizer, parts.dist
         n = len(self.data)
+        world = self.dist.world
         self.buffer: ReplayBuffer | None = None
-        if config.replay_steps > 0:
+        if config.replay_steps > 0:  # under torch.distributed each rank holds its share
             tensors = isinstance(self.data, TensorData)
             self.buffer = ReplayBuffer(
-                buffer_capacity(config.storage, n),
+                max(1, buffer_capacity(config.storage, n) // world),
                 self.data.input_shape if tensors else None,
                 insertion=config.insertion,
                 dtype=self.data.x_train.dtype if isinstance(self.data, TensorData) else (
                     torch.float32),
                 device=self.device, seed=config.seed,
             )
-        self.num_batches = math.ceil(n / config.batch_size)
+        self.num_batches = math.ceil(math.ceil(n / world) / config.batch_size)  # per rank
         self.total_steps = self.num_batches * (1 + config.replay_steps)
         self.policy = ReplayPolicy(config, self.buffer, self.total_steps)
         marks = log_marks(self.num_batches, config.log_every)
-        self.feed = PassFeed(self.data, config.batch_size, marks, config.seed)
-        self.files = RunFiles(out_dir) if out_dir is not None else None
+        self.feed = PassFeed(self.data, config.batch_size, marks, config.seed, self.dist)
+        self.files = RunFiles(out_dir) if out_dir is not None and self.dist.main else None
         callbacks: list[Any] = [self._extend]
         if self.files is not None:
             if not claimed:
                 claim(self.files.dir)
             callbacks.append(self._log)
-        if progress:
+        if progress and self.dist.main:
             callbacks.append(ProgressBar(len(marks), "onepass"))
         self.engine = Engine(
             model=self.model, data=self.data, optimizer=self.optimizer,
             lr=PerStep(build_schedule(config.schedule, self.optimizer, self.total_steps)),
             feed=self.feed, policy=self.policy, seed=config.seed,
             batch_size=config.batch_size, device=self.device, precision=parts.precision,
-            eval_every=1, callbacks=callbacks,
+            eval_every=1, callbacks=callbacks, dist=self.dist,
         )
 
     def _log(self, engine: Engine, record: dict[str, Any]) -> None:
@@ -322,6 +327,8 @@ class OnePassTrainer:
     def _extend(self, engine: Engine, record: dict[str, Any]) -> None:
         """The one-pass fields of a log record: storage and compute shares."""
         n = len(self.data)
+        held = torch.tensor([float(record["buffer_size"])], device=self.device)
+        record["buffer_size"] = int(self.dist.all_reduce(held)[0])  # rows held by all ranks
         record["storage_pct"] = 100.0 * record["buffer_size"] / n
         record["compute_pct"] = self.compute_pct()
 
@@ -336,12 +343,14 @@ class OnePassTrainer:
             self.files.write_config(self._config_info())
         self.engine.fit()
         n = len(self.data)
+        most = torch.tensor([float(self.policy.max_held)], device=self.device)
+        held = int(self.dist.all_reduce(most)[0])  # the ranks' buffers together
         summary = {
             "method": self.config.label(),
             **self.engine.summary(),
             "stream_passes": 1,
             "effective_epochs": self.engine.total_counts.backpropagated / n,
-            "storage_pct": 100.0 * self.policy.max_held / n,
+            "storage_pct": 100.0 * held / n,
             "compute_pct": self.compute_pct(),
             "buffer_capacity": self.buffer.capacity if self.buffer is not None else 0,
             "buffer_bytes": self.buffer.nbytes if self.buffer is not None else 0,

@@ -74,6 +74,8 @@ class PolicyContext:
     batch_size: the run's mini-batch size; dataset_size: training examples N.
     score(x, y, embeddings=False): a counted no-grad eval-mode forward (`Scored`).
     image_inputs: whether inputs are (C, H, W) images.
+    rank: this process's rank under torch.distributed (0 alone); `generator` mixes it in so that
+    ranks draw differently, `shared_generator` does not (for draws that fix step counts).
     """
 
     epoch: int
@@ -84,14 +86,21 @@ class PolicyContext:
     device: torch.device
     score: Callable[..., Scored]
     image_inputs: bool = False
+    rank: int = 0
 
     def generator(self, salt: int) -> torch.Generator:
-        """A generator on the device seeded by (seed, epoch, salt): resumes draw the same."""
-        base = round_generator(self.seed, self.epoch, salt)
+        """A generator on the device seeded by (seed, epoch, salt, rank): resumes draw the
+        same."""
+        base = self.cpu_generator(salt)
         seed = int(torch.randint(2**62, (1,), generator=base))
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def cpu_generator(self, salt: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, epoch, salt, rank)."""
+        return round_generator(self.seed, self.epoch, salt + 1_000 * self.rank)
+
+    def shared_generator(self, salt: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, epoch, salt): the same on every rank."""
         return round_generator(self.seed, self.epoch, salt)
 
 

@@ -200,7 +200,7 @@ class Echo(Policy):
     def plan(self, reader: EpochReader, ctx: PolicyContext) -> EpochPlan:
         b = ctx.batch_size
         self._reader, self._yielded = reader, 0
-        count_generator = ctx.cpu_generator(salt=61)
+        count_generator = ctx.shared_generator(salt=61)  # same counts, same steps on all ranks
         steps = planned_steps(self.echo, self.echo_mode, len(reader), b,
                               _clone(count_generator))
         stream = echo_stream(

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from subsetsel.data.base import TrainData
+    from subsetsel.engine.dist import Dist
     from subsetsel.engine.precision import Precision
 
 
@@ -75,6 +76,8 @@ class SelectionContext:
     epoch: the epoch the new subset starts at; round_index counts selections made so far.
     batch_size: the trainer's mini-batch size (PB strategies partition by it).
     precision: autocast / memory-format settings for the selection forward (None: float32).
+    dist: the torch.distributed group selecting together (None: this process alone); every
+    rank must return the same Selection.
     """
 
     model: nn.Module
@@ -85,6 +88,7 @@ class SelectionContext:
     seed: int
     device: torch.device
     precision: Precision | None = None
+    dist: Dist | None = None
 
 
 @dataclass

@@ -81,8 +81,10 @@ class LastLayerFactors:
         emb = self.emb if idx is None else self.emb[idx]
         return _rows(delta.gather(1, y.view(-1, 1)), emb, self.bias)
 
-    def batch_mean_rows(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
-        """float32 (m, C(1+D)): the mean gradient row of each batch (index tensors)."""
+    def batch_mean_rows(self, batches: Sequence[torch.Tensor], mean: bool = True,
+                        sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 (m, C(1+D)): the mean gradient row of each batch (index tensors of rows);
+        mean=False: the sums. sizes: divide by these (m,) instead of the batches' lengths."""
         m, c, d = len(batches), self.num_classes, int(self.emb.shape[1])
         out = torch.empty(m, self.row_dim(), dtype=torch.float32, device=self.delta.device)
         size = max((int(b.numel()) for b in batches), default=1)
@@ -95,7 +97,11 @@ class LastLayerFactors:
             mask = (pad >= 0).unsqueeze(2).to(torch.float32)
             delta = self.delta[pad.clamp_min(0)] * mask  # (g, size, C)
             emb = self.emb[pad.clamp_min(0)]
+            if sizes is not None:
+                lengths = sizes[start : start + len(group)].to(self.delta.device)
             inv = 1.0 / lengths.clamp_min(1).to(torch.float32).view(-1, 1)
+            if not mean:
+                inv = torch.ones_like(inv)
             w = torch.bmm(delta.transpose(1, 2), emb).reshape(len(group), c * d) * inv
             block = out[start : start + len(group)]
             if self.bias:
@@ -167,8 +173,10 @@ def collect_factors(
     storage: torch.device | None = None, precision: Precision | None = None,
 ) -> LastLayerFactors:
     """Factors (delta, e) of the last-layer gradients of n samples streamed as (positions, x, y)
-    chunks (positions in [0, n), each once), written into preallocated buffers on `storage`
-    (default: the chunks' device; a CPU storage for a CUDA model is pinned).
+    chunks, written in the order they come into preallocated (n, .) buffers on `storage`
+    (default: the chunks' device; a CPU storage for a CUDA model is pinned). Row i of the
+    result belongs to the i-th sample streamed (`eval_batches(indices)` streams `indices` in
+    order).
 
     class_slice: keep only delta[i, y_i] (delta is then (n, 1): the per-class-per-gradient
     factors). Raises FloatingPointError when the model's outputs are not finite."""
@@ -176,7 +184,7 @@ def collect_factors(
     c = 1 if class_slice else layer.out_features
     delta = emb = finite = None
     seen = 0
-    for positions, y, d, e in _factor_chunks(model, chunks, precision):
+    for _, y, d, e in _factor_chunks(model, chunks, precision):
         if delta is None or emb is None:
             where = storage if storage is not None else d.device
             pin = where.type == "cpu" and d.device.type == "cuda"
@@ -187,9 +195,12 @@ def collect_factors(
             d = d.gather(1, y.view(-1, 1))
         ok = torch.isfinite(d).all() & torch.isfinite(e).all()  # no host sync per chunk
         finite = ok if finite is None else finite & ok
-        where = positions.to(delta.device)
-        delta[where], emb[where] = d.to(delta.device), e.to(emb.device)
-        seen += int(positions.shape[0])
+        m = int(y.shape[0])
+        if seen + m > n:
+            raise ValueError(f"gradient factors: more than the {n} samples expected")
+        delta[seen : seen + m].copy_(d, non_blocking=True)
+        emb[seen : seen + m].copy_(e, non_blocking=True)
+        seen += m
     if delta is None or emb is None or seen != n:
         raise ValueError(f"gradient factors: {seen} samples read, {n} expected")
     if not bool(finite):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from subsetsel import memory
+from subsetsel.engine.dist import Dist
 from subsetsel.errors import DivergenceError
 from subsetsel.selection.base import (
     Selection,
@@ -147,24 +148,29 @@ class _GradMatchBase(Strategy):
             self.last_info = {"random_first": True}
             return self._random(ctx, cand, k)
         layer = final_linear(ctx.model)
-        shape = Shape(n, labels, cand, k, layer.in_features, layer.out_features, ctx.batch_size)
+        dist = ctx.dist or Dist.local(ctx.device)
+        shape = Shape(n, labels, cand, k, layer.in_features, layer.out_features, ctx.batch_size,
+                      dist.world)
         storage, group = self._placement(shape, ctx.device)
+        mine = own_positions(n, dist)  # this rank's examples (all of them in one process)
         start = time.perf_counter()
         try:
-            factors = collect_factors(
-                ctx.model, data.eval_batches(chunk=selection_chunk(ctx.device)), n,
-                class_slice=self._class_slice(), storage=storage, precision=ctx.precision,
-            )
+            chunks = data.eval_batches(None if not dist.active else mine,
+                                       chunk=selection_chunk(ctx.device))
+            factors = collect_factors(ctx.model, chunks, int(mine.numel()),
+                                      class_slice=self._class_slice(), storage=storage,
+                                      precision=ctx.precision)
         except FloatingPointError as err:
             raise DivergenceError(f"selection at epoch {ctx.epoch}: {err}") from None
         if ctx.device.type == "cuda":  # the forward runs asynchronously: time it, not its launch
             torch.cuda.synchronize(ctx.device)
         grad_seconds = time.perf_counter() - start
         device = ctx.device
+        sent = dist.sent_bytes
         selection = self._choose(ctx, factors, labels.to(device), cand.to(device),
-                                 val.to(device), k, group)
+                                 val.to(device), k, group, dist)
         self.last_info.update(gradient_seconds=grad_seconds, factor_storage=str(storage),
-                              classes_per_solve=group)
+                              classes_per_solve=group, sent_bytes=dist.sent_bytes - sent)
         return selection
 
     def _placement(self, shape: Shape, device: torch.device) -> tuple[torch.device, int]:
@@ -201,20 +207,26 @@ class _GradMatchBase(Strategy):
 
     def _factor_bytes(self, shape: Shape) -> int:
         c = 1 if self._class_slice() else shape.classes
-        return 4 * shape.n * (c + shape.dim)
+        return 4 * -(-shape.n // shape.world) * (c + shape.dim)
 
     def _work_bytes(self, shape: Shape, group: int) -> int:
         raise NotImplementedError
 
-    def _solve(self, atoms: Any, budgets: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _solve(self, atoms: Any, budgets: torch.Tensor, max_budget: int | None = None
+               ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Batched NN-OMP on `atoms` with int64 (B,) budgets, completed to the budgets.
 
         Returns (OMPResult, positions (B, k) int64, weights (B, k) float32) and records in
         last_info what the solver did: seconds, the pick mode (`pool` = each step's atoms
         pruned from a pool of `omp_pool` x picks_per_step top-correlated atoms in `omp_rounds`
-        rounds, `top` = plain top-m, `one` = one atom per step), steps, residuals, fills."""
+        rounds, `top` = plain top-m, `one` = one atom per step), steps, residuals, fills.
+        max_budget: the largest budget of the whole round (default: of these problems), which
+        sets the atoms per step, so that problems solved in groups or on other ranks are solved
+        exactly as all together."""
         start = time.perf_counter()
-        picks = self._picks(int(budgets.max()) if budgets.numel() else 0)
+        if max_budget is None:
+            max_budget = int(budgets.max()) if budgets.numel() else 0
+        picks = self._picks(max_budget)
         pool = OMP_POOL if picks > 1 else 1.0
         result = nonneg_omp(atoms, budgets, lam=self.lam, eps=self.eps,
                             check_every=self.check_every, picks_per_step=picks, pool=pool,
@@ -250,10 +262,10 @@ class _GradMatchBase(Strategy):
 
     def _choose(
         self, ctx: SelectionContext, factors: LastLayerFactors, y: torch.Tensor,
-        cand: torch.Tensor, val: torch.Tensor, k: int, group: int,
+        cand: torch.Tensor, val: torch.Tensor, k: int, group: int, dist: Dist,
     ) -> Selection:
-        """The round from the factors: y (n,) labels, cand / val positions, all on the device;
-        `group` problems are solved at once."""
+        """The round from this rank's factors (rows of `own_positions`): y (n,) labels, cand /
+        val positions, all on the device; `group` problems are solved at once."""
         raise NotImplementedError
 
 
@@ -310,33 +322,91 @@ class GradMatch(_GradMatchBase):
 
     def _choose(
         self, ctx: SelectionContext, factors: LastLayerFactors, y: torch.Tensor,
-        cand: torch.Tensor, val: torch.Tensor, k: int, group: int,
+        cand: torch.Tensor, val: torch.Tensor, k: int, group: int, dist: Dist,
     ) -> Selection:
-        groups, counts = _group_by_class(y, cand)
-        budgets = class_budgets(k, counts.cpu()).to(y.device)
-        vgroups = vcounts = None
-        if val.numel():
-            vgroups, vcounts = _group_by_class(y, val, classes=y[groups[:, 0]])
+        classes = int(y.max()) + 1
+        table = class_budgets(k, torch.bincount(y[cand].cpu(), minlength=classes)).to(y.device)
+        max_budget = int(table.max()) if table.numel() else 0
+        rows_at = own_positions(int(y.numel()), dist).to(y.device)  # position of each row
+        if dist.active:  # each class's rows travel to the rank that owns the class
+            factors, rows_at = exchange_by_class(factors, y, rows_at, dist)
+        # the problems of the classes held here, in local row numbers
+        local_y = y[rows_at]
+        local_cand = _local(rows_at, cand)
+        groups, counts = _group_by_class(local_y, local_cand)
         indices, weights, infos = [], [], []
-        for lo in range(0, groups.shape[0], group):
-            rows = slice(lo, lo + group)
-            delta, emb = _gathered(factors, groups[rows], y.device)
-            target = _factor_sums(delta, emb, factors.bias)
-            if vgroups is not None and vcounts is not None:
-                vd, ve = _gathered(factors, vgroups[rows], y.device)
-                scale = (counts[rows].double() / vcounts[rows].clamp_min(1).double()).unsqueeze(1)
-                vt = _factor_sums(vd, ve, factors.bias) * scale
-                target = torch.where((vcounts[rows] > 0).unsqueeze(1), vt, target)
-            atoms = LastLayerAtoms(delta, emb, counts[rows], target, factors.bias)
-            _, pos, w = self._solve(atoms, budgets[rows])
-            infos.append(self.last_info)
-            keep = pos >= 0
-            indices.append(groups[rows].gather(1, pos.clamp_min(0))[keep])
-            weights.append(w[keep])
-        self.last_info = _merged(infos)
-        chosen, chosen_w = torch.cat(indices), torch.cat(weights)
+        if local_cand.numel():
+            budgets = table[local_y[groups[:, 0]]]
+            vgroups = vcounts = None
+            local_val = _local(rows_at, val)
+            if local_val.numel():
+                vgroups, vcounts = _group_by_class(local_y, local_val,
+                                                   classes=local_y[groups[:, 0]])
+            for lo in range(0, groups.shape[0], group):
+                rows = slice(lo, lo + group)
+                delta, emb = _gathered(factors, groups[rows], y.device)
+                target = _factor_sums(delta, emb, factors.bias)
+                if vgroups is not None and vcounts is not None:
+                    vd, ve = _gathered(factors, vgroups[rows], y.device)
+                    scale = (counts[rows].double()
+                             / vcounts[rows].clamp_min(1).double()).unsqueeze(1)
+                    vt = _factor_sums(vd, ve, factors.bias) * scale
+                    target = torch.where((vcounts[rows] > 0).unsqueeze(1), vt, target)
+                atoms = LastLayerAtoms(delta, emb, counts[rows], target, factors.bias)
+                _, pos, w = self._solve(atoms, budgets[rows], max_budget)
+                infos.append(self.last_info)
+                keep = pos >= 0
+                indices.append(rows_at[groups[rows].gather(1, pos.clamp_min(0))[keep]].cpu())
+                weights.append(w[keep].cpu())
+        self.last_info = _merged(infos) if infos else {"omp_seconds": 0.0}
+        chosen = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
+        chosen_w = torch.cat(weights) if weights else torch.zeros(0)
+        if dist.active:  # every rank gets every class's picks
+            parts = dist.all_gather_object((chosen, chosen_w))
+            chosen = torch.cat([c for c, _ in parts])
+            chosen_w = torch.cat([w for _, w in parts])
         order = chosen.argsort()
         return Selection(chosen[order], chosen_w[order], epoch=ctx.epoch)
+
+
+def own_positions(n: int, dist: Dist) -> torch.Tensor:
+    """The training positions whose gradient factors this rank computes: every world-th one
+    from its rank (all of them in one process)."""
+    return torch.arange(dist.rank, n, dist.world)
+
+
+def class_owner(labels: torch.Tensor, world: int) -> torch.Tensor:
+    """int64 (C,) rank that solves each class's problem: classes in turn."""
+    return torch.arange(int(labels.max()) + 1, device=labels.device) % world
+
+
+def exchange_by_class(factors: LastLayerFactors, y: torch.Tensor, rows_at: torch.Tensor,
+                      dist: Dist) -> tuple[LastLayerFactors, torch.Tensor]:
+    """Send each factor row to the rank owning its class; return this rank's received rows,
+    sorted by position, with their positions. Positions do not travel: the owner knows which
+    of every rank's positions it receives (their labels are known everywhere)."""
+    owner = class_owner(y, dist.world)
+    c, d = int(factors.delta.shape[1]), int(factors.emb.shape[1])
+    row_owner = owner[y[rows_at]]
+    packed = torch.cat([factors.delta, factors.emb], 1)
+    parts = [packed[(row_owner == o).to(packed.device)] for o in range(dist.world)]
+    received = dist.gather_rows(parts, c + d)
+    n = int(y.numel())
+    sources = [torch.arange(r, n, dist.world, device=y.device) for r in range(dist.world)]
+    positions = torch.cat([p[owner[y[p]] == dist.rank] for p in sources])
+    order = positions.argsort()
+    assert received is not None
+    received = received[order.to(received.device)]
+    return (LastLayerFactors(received[:, :c].contiguous(), received[:, c:].contiguous(),
+                             factors.bias), positions[order])
+
+
+def _local(rows_at: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Local row numbers of those `positions` that are among the sorted `rows_at`."""
+    if rows_at.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=positions.device)
+    at = torch.searchsorted(rows_at, positions).clamp_max(rows_at.numel() - 1)
+    return at[rows_at[at] == positions]
 
 
 def _gathered(factors: LastLayerFactors, groups: torch.Tensor, device: torch.device
@@ -386,6 +456,7 @@ class Shape:
     dim: int
     classes: int
     batch_size: int
+    world: int = 1
 
 
 def selection_chunk(device: torch.device) -> int:
@@ -451,27 +522,45 @@ class GradMatchPB(_GradMatchBase):
 
     def _choose(
         self, ctx: SelectionContext, factors: LastLayerFactors, y: torch.Tensor,
-        cand: torch.Tensor, val: torch.Tensor, k: int, group: int,
+        cand: torch.Tensor, val: torch.Tensor, k: int, group: int, dist: Dist,
     ) -> Selection:
         store = factors.delta.device
-        batches = [cand[b.to(cand.device)].to(store) for b in
+        batches = [cand[b.to(cand.device)] for b in
                    fixed_partition(cand.numel(), ctx.batch_size, self.seed)]
-        rows = factors.batch_mean_rows(batches).to(cand.device)
-        val = val.to(store)
         m = len(batches)
+        sizes = torch.tensor([b.numel() for b in batches])
+        # every rank sums the rows of its own members; the sums add up over ranks
+        mine = [_own_rows(b, dist).to(store) for b in batches]
+        rows = factors.batch_mean_rows(mine, mean=False).to(cand.device)
         if val.numel():
-            vd, ve = factors.delta[val].unsqueeze(0), factors.emb[val].unsqueeze(0)
-            target = _factor_sums(vd, ve, factors.bias)[0].to(cand.device) * (m / val.numel())
-        else:
-            target = rows.double().sum(0)
+            vrows = _own_rows(val, dist).to(store)
+            vd, ve = factors.delta[vrows].unsqueeze(0), factors.emb[vrows].unsqueeze(0)
+            vsum = _factor_sums(vd, ve, factors.bias)[0].to(cand.device)
+        if dist.active:
+            rows = dist.all_reduce(rows)
+            if val.numel():
+                vsum = dist.all_reduce(vsum)
+        rows = rows / sizes.clamp_min(1).to(rows).view(-1, 1)
+        target = vsum * (m / val.numel()) if val.numel() else rows.double().sum(0)
         kb = whole_batches(k, m, ctx.batch_size, cand.numel(), self.fraction, self.name)
-        atoms = DenseAtoms(rows, target)
-        _, pos, weights = self._solve(atoms, torch.tensor([kb], device=rows.device))
-        keep = pos[0] >= 0
-        ids, batch_w = pos[0][keep].cpu(), weights[0][keep].cpu()
+        result = None
+        if dist.main:  # the batch atoms are few: one rank solves, every rank gets the answer
+            atoms = DenseAtoms(rows, target)
+            _, pos, weights = self._solve(atoms, torch.tensor([kb], device=rows.device))
+            keep = pos[0] >= 0
+            result = (pos[0][keep].cpu(), weights[0][keep].cpu(), self.last_info)
+        ids, batch_w, info = dist.broadcast_object(result)
+        self.last_info = dict(info)
         order = ids.argsort()
         ids, batch_w = ids[order], batch_w[order]
         chosen = [batches[i] for i in ids.tolist()]
         indices = torch.cat(chosen).cpu()
         per_sample = torch.repeat_interleave(batch_w, torch.tensor([b.numel() for b in chosen]))
         return Selection(indices, per_sample, epoch=ctx.epoch, batch_ids=ids)
+
+
+def _own_rows(positions: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """This rank's factor rows of those `positions` it holds (`own_positions`: p = rank + world
+    * row)."""
+    mine = positions[positions % dist.world == dist.rank]
+    return (mine - dist.rank) // dist.world
