@@ -66,6 +66,7 @@ BIG_OK = {  # integer options where BIG asks for no unbounded work
     "onepass": {"--batch-size", "--reference-epochs", "--threads", "--seed", "--image-size"},
     "search": {"--heartbeat", "--batch-size", "--eval-every", "--seed", "--threads"},
 }
+NOT_FUZZED = {"--nproc"}  # N processes started by torchrun: a huge N is a fork bomb, not a test
 BAR = ("broken", "lost", "wrong")  # file problems that fail the bar
 DEAD_PID = 0  # set in main(): a pid that no process holds
 
@@ -129,6 +130,9 @@ class Ctx:
         self.env = env
         self.timeout = timeout
         self.inputs: dict[Path, str] = {}
+        self.transcript = root / "outputs" / f"{self.dir.name}.txt"
+        self.transcript.parent.mkdir(exist_ok=True)
+        self.lock = threading.Lock()
 
     # files
     def fixture(self, name: str, dest: str | None = None) -> Path:
@@ -151,6 +155,8 @@ class Ctx:
 
     # processes
     def start(self, args: list[str], cwd: Path | None = None) -> subprocess.Popen[str]:
+        with self.lock, open(self.transcript, "a") as f:
+            f.write(f"$ (in {rel(cwd or self.dir, self.root)}) {command(args)}\n")
         return subprocess.Popen(
             [sys.executable, "-c", ENTRY, *args], cwd=cwd or self.dir, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_limit,
@@ -161,11 +167,14 @@ class Ctx:
         began = time.monotonic()
         try:
             out, _ = proc.communicate(timeout=timeout or self.timeout)
-            return Ran(proc.returncode, out, time.monotonic() - began)
+            ran = Ran(proc.returncode, out, time.monotonic() - began)
         except subprocess.TimeoutExpired:
             kill_group(proc)
             out, _ = proc.communicate()
-            return Ran(None, out, time.monotonic() - began)
+            ran = Ran(None, out, time.monotonic() - began)
+        with self.lock, open(self.transcript, "a") as f:
+            f.write(f"[pid {proc.pid} exit {ran.rc}, {ran.seconds:.1f} s]\n{ran.out}\n")
+        return ran
 
     def cli(self, args: list[str], expected: Iterable[int], *, label: str | None = None,
             needle: str = "", timeout: float | None = None, cwd: Path | None = None,
@@ -557,6 +566,8 @@ def numeric_options(cmd: str, kind: str) -> list[tuple[str, list[str]]]:
     for param in main.commands[cmd].params:
         name = param.type.name
         if not (name == kind or (kind == "integer" and name == "integer range")):
+            continue
+        if param.opts[0] in NOT_FUZZED:
             continue
         context: list[str] = []
         match = re.match(r"(strategy|policy) ([\w-]+) \[", getattr(param, "help", "") or "")
@@ -982,6 +993,18 @@ def all_cases() -> list[Case]:
 # main
 
 
+def source_state() -> str:
+    """The checkout's commit and whether its package differs from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "subsetsel"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"commit {head}" + (", subsetsel/ has uncommitted changes" if dirty else "")
+
+
 def format_step(case: str, step: Step) -> str:
     rc = "timeout" if step.rc is None else str(step.rc)
     mark = " !!" if step.unexpected or step.rc is None else ""
@@ -1018,7 +1041,8 @@ def main() -> int:
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     load = os.getloadavg()[0]
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} | {len(cases)} cases | jobs {args.jobs} | "
-          f"load {load:.2f} | folder {root}", flush=True)
+          f"load {load:.2f} | {os.cpu_count()} cores | folder {root}", flush=True)
+    print(f"# code under test: {REPO} ({source_state()})", flush=True)
     began = time.monotonic()
     build_fixtures(root, env)
     print(f"# fixtures ready in {time.monotonic() - began:.0f} s", flush=True)
