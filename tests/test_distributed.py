@@ -162,6 +162,57 @@ def test_two_ranks_of_batch_b_step_like_one_of_batch_2b():
             torch.testing.assert_close(_tensor(a), b, rtol=1e-5, atol=1e-6)
 
 
+# ---- SubsetLoader and importance sampling under DDP --------------------------------------------
+def _loader_epochs() -> tuple[list, list]:
+    """Two epochs of a Grad-Match SubsetLoader: each epoch's selection and this rank's batches."""
+    from subsetsel import SubsetLoader
+
+    data = _data()
+    torch.manual_seed(0)
+    model = build_model("cnn1d", data.input_shape, data.num_classes)
+    loader = SubsetLoader(data, model=model, strategy="gradmatch", fraction=0.2,
+                          select_every=1, epochs=2, batch_size=16)
+    selections, batches = [], []
+    for _ in range(2):
+        batches.append([(torch.as_tensor(y).clone(), w.clone()) for _, y, w in loader])
+        sel = loader.selection
+        selections.append((sel.indices, sel.weights))
+    return selections, batches
+
+
+def _loader_and_is_on_ranks(rank: int) -> dict:
+    from subsetsel.engine import dist
+
+    dist.init(torch.device("cpu"))
+    selections, batches = _loader_epochs()
+    config = _config(16)
+    config.policy, config.epochs = "is", 2
+    config.policy_params = {"tau_th": 1.0}
+    trainer = Trainer(config)
+    trainer.fit()
+    return {"selections": selections, "batches": batches,
+            "is": [(r["is_on_fraction"], r["is_tau"]) for r in trainer.engine.history]}
+
+
+def test_subset_loader_and_importance_sampling_under_two_ranks():
+    ranks = run_ranks(_loader_and_is_on_ranks)
+    for result in ranks:
+        assert isinstance(result, dict), result
+    alone, _ = _loader_epochs()
+    for result in ranks:  # every rank holds the one-process selection
+        for (indices, weights), sel in zip(result["selections"], alone, strict=True):
+            assert torch.equal(_tensor(indices), sel[0])
+            torch.testing.assert_close(_tensor(weights), sel[1], rtol=1e-5, atol=0)
+    for epoch in range(2):  # the same number of batches; together the ranks cover the subset
+        counts = [len(result["batches"][epoch]) for result in ranks]
+        assert counts[0] == counts[1] == -(-len(alone[epoch][0]) // 32)
+        weight = sum(float(_tensor(w).sum()) for r in ranks for _, w in r["batches"][epoch])
+        assert weight == pytest.approx(float(alone[epoch][1].sum()), rel=1e-5)
+    # importance sampling switches on and off on every rank alike (one tau for all ranks)
+    assert ranks[0]["is"] == ranks[1]["is"]
+    assert any(on > 0 for on, _ in ranks[0]["is"])
+
+
 # ---- a dead rank -------------------------------------------------------------------------------
 def _die_on_rank_1(rank: int) -> tuple:
     def die(record: dict) -> None:

@@ -261,8 +261,15 @@ class Engine:
             epoch=self.period, epochs=self.feed.periods, seed=self.seed,
             batch_size=self.batch_size, dataset_size=len(self.data), device=self.device,
             score=self.score, image_inputs=len(self.data.input_shape) == 3,
-            rank=self.dist.rank,
+            rank=self.dist.rank, mean_over_ranks=self._mean_over_ranks,
         )
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if not self.dist.active:
+            return float(value)
+        total = self.dist.all_reduce(torch.tensor([float(value)], dtype=torch.float64,
+                                                  device=self.device))
+        return float(total) / self.dist.world
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> None:

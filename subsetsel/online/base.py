@@ -76,6 +76,8 @@ class PolicyContext:
     image_inputs: whether inputs are (C, H, W) images.
     rank: this process's rank under torch.distributed (0 alone); `generator` mixes it in so that
     ranks draw differently, `shared_generator` does not (for draws that fix step counts).
+    mean_over_ranks(value): the mean of a per-rank float over all ranks (one all-reduce; the
+    value itself alone), for decisions every rank must take alike.
     """
 
     epoch: int
@@ -87,6 +89,7 @@ class PolicyContext:
     score: Callable[..., Scored]
     image_inputs: bool = False
     rank: int = 0
+    mean_over_ranks: Callable[[float], float] = float
 
     def generator(self, salt: int) -> torch.Generator:
         """A generator on the device seeded by (seed, epoch, salt, rank): resumes draw the

@@ -26,7 +26,7 @@ pass over the subset (so an epoch has the same number of steps as plain training
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -176,6 +176,7 @@ class ImportanceSampling(Policy):
         if not 0.0 <= self.tau_momentum < 1.0:
             raise ValueError(f"tau_momentum must be in [0, 1), got {self.tau_momentum}")
         self.switch: TauSwitch | None = None
+        self._mean_over_ranks: Callable[[float], float] = float
         self._counts = [0, 0]  # steps on, steps
 
     def presample_size(self, batch_size: int) -> int:
@@ -197,6 +198,7 @@ class ImportanceSampling(Policy):
                 threshold = tau_threshold(self.presample_size(b), b)
             self.switch = TauSwitch(threshold, self.tau_momentum)
         self._counts = [0, 0]
+        self._mean_over_ranks = ctx.mean_over_ranks  # one switch for all ranks (same steps)
         owns: list[int] = []
         reads = reader.read(self._reads(reader, b, owns, ctx.cpu_generator(salt=53)))
         return EpochPlan(reader.num_batches(b), self._steps(reads, owns, ctx))
@@ -234,7 +236,7 @@ class ImportanceSampling(Policy):
         assert self.switch is not None
         scored = ctx.score(batch.x, batch.y, embeddings=self.wants_embeddings)
         scores = importance_scores(scored.logits, batch.y, self.score, scored.embeddings)
-        self.switch.update(tau_estimate(scores))
+        self.switch.update(self._mean_over_ranks(tau_estimate(scores)))
         p = sampling_probabilities(scores, batch.w)
         rows = resample(p, own, generator)
         return StepBatch(self._weighted(batch, p, rows), mean_loss=True)
@@ -242,7 +244,7 @@ class ImportanceSampling(Policy):
     def observe(self, step: StepBatch, out: StepOut) -> None:
         if step.tag == "plain" and self.switch is not None:
             scores = importance_scores(out.logits, step.batch.y, self.score, out.embeddings)
-            self.switch.update(tau_estimate(scores))
+            self.switch.update(self._mean_over_ranks(tau_estimate(scores)))
 
     @staticmethod
     def _weighted(batch: Batch, p: torch.Tensor, rows: torch.Tensor) -> Batch:
