@@ -14,10 +14,12 @@ if TYPE_CHECKING:
 
 
 def default_run_name(config: TrainConfig) -> str:
-    """`<strategy>-<dataset>-f<fraction>-s<seed>-<UTC time>` (a clash gets a -N suffix when the
-    folder is claimed)."""
+    """`<strategy>-<dataset>-f<fraction>-s<seed>-<UTC time>`, or `replay-<file>-<dataset>-s<seed>-
+    <UTC time>` for a replayed run (a clash gets a -N suffix when the folder is claimed)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dataset = config.dataset.replace(":", "-").replace("/", "_")
+    if config.replay is not None:
+        return f"replay-{Path(config.replay).stem}-{dataset}-s{config.seed}-{stamp}"
     return f"{config.strategy}-{dataset}-f{config.fraction:g}-s{config.seed}-{stamp}"
 
 

@@ -227,3 +227,15 @@ def test_an_empty_validation_folder_is_refused(in_tmp):
     result = invoke(["train", "--dataset", f"folder:{in_tmp / 'f'}", "--quiet", "--workers",
                      "0", "--strategy", "full", "--epochs", "1"])
     one_line_error(result, 1, "no images")
+
+
+def test_sync_bn_without_cuda_is_refused_before_any_process_starts(in_tmp):
+    from click.testing import CliRunner
+
+    from subsetsel.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--nproc", "2", "--sync-bn", "--device", "cpu",
+                                       "--quiet"])
+    assert result.exit_code == 2
+    assert "--sync-bn needs CUDA" in result.output and "Traceback" not in result.output
+    assert not (in_tmp / "runs").exists()

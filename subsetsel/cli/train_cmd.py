@@ -56,7 +56,8 @@ POLICY_FIELDS, policy_options = options_for(POLICIES, "policy")
 @click.option("--allow-incomplete", is_flag=True,
               help="Replay a selection file whose run stopped early, over the epochs it covers.")
 @click.option("--sync-bn", is_flag=True, default=_DEFAULTS.sync_bn,
-              help="torch.distributed: SyncBatchNorm across ranks instead of BatchNorm.")
+              help="torch.distributed on CUDA: SyncBatchNorm across ranks instead of BatchNorm "
+                   "(no effect in one process).")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Start this many processes on this machine with torchrun's launcher "
                    "(torch.distributed: DDP training, sharded selection).")
@@ -70,6 +71,12 @@ def train(
 ) -> None:
     """Train a model on weighted subsets chosen by a selection strategy."""
     ctx = click.get_current_context()
+    if options.get("sync_bn"):
+        from subsetsel.train import resolve_device
+
+        if resolve_device(str(options["device"])).type != "cuda":
+            raise click.UsageError("--sync-bn needs CUDA devices (torch's SyncBatchNorm); this "
+                                   f"run's --device {options['device']} is not")
     if nproc is not None:
         launch(ctx.command.name or "train", nproc)
         return

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -110,14 +110,19 @@ def validation_split(
 class _GradMatchBase(Strategy):
     """Shared parameters; see the module docstring and docs/gradmatch.md."""
 
-    lam: float = 0.5
-    eps: float = 1e-6
-    valid: bool = False
+    lam: float = field(default=0.5, metadata={"help": "ridge penalty of the NN-OMP solve"})
+    eps: float = field(default=1e-6, metadata={"help": "stop when the residual norm is below"})
+    valid: bool = field(default=False, metadata={
+        "help": "match a held-out share's mean gradient instead of the training set's"})
     valid_fraction: float = 0.1
-    random_first: bool = False
-    memory_share: float = 0.5
+    random_first: bool = field(default=False, metadata={
+        "help": "the first round random (the model is untrained)"})
+    memory_share: float = field(default=0.5, metadata={
+        "help": "share of free device memory the gradient factors may take (else pinned CPU)"})
     check_every: int = 16
-    picks_per_step: int | None = None
+    picks_per_step: int | None = field(default=None, metadata={
+        "help": "atoms added per OMP step (unset: ceil(budget/16), pruned from a pool of 5x; "
+                "1: textbook one-pick NN-OMP)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
