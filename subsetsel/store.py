@@ -359,7 +359,7 @@ class SelectionStore:
         """Raise SelectionFileError (one line) unless the file can be replayed: it needs a round
         at epoch 0, and, unless `allow_incomplete`, a finished schedule (`complete`)."""
         if not self.rounds:
-            raise SelectionFileError(f"{self.path}: has no rounds, nothing to replay")
+            raise SelectionFileError(f"{self.path}: holds no selection round, nothing to replay")
         if self.rounds[0].epoch != 0:
             raise SelectionFileError(
                 f"{self.path}: no round starts at epoch 0 (the first starts at epoch "

@@ -35,20 +35,14 @@ def preflight(settings: SearchSettings, store: SelectionStore | None = None) -> 
     options and SelectionFileError / IncompatibleSelectionError for a bad file.
     """
     from subsetsel.models import build_model, default_model
-    from subsetsel.store import SelectionFileError, SelectionStore
+    from subsetsel.store import SelectionStore
 
     base = settings.base
     base.validate()
     dataset = load_base_dataset(base)
     if base.replay is not None:
         store = store or SelectionStore.open(base.replay)
-        if not store.rounds:
-            raise SelectionFileError(f"{store.path}: holds no selection round, nothing to replay")
-        if store.rounds[0].epoch != 0:
-            raise SelectionFileError(
-                f"{store.path}: no round starts at epoch 0 (the first starts at epoch "
-                f"{store.rounds[0].epoch}), nothing to replay"
-            )
+        store.check_replayable(base.allow_incomplete)
         store.check_compatible(
             fingerprint=dataset.fingerprint(), dataset_size=len(dataset), dataset=base.dataset
         )
