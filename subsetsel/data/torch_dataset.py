@@ -342,23 +342,27 @@ class _ItemView(Dataset):
         return x, label
 
     def transform_item(self, x: Any, seed: int) -> Any:
-        """`transform(x)` with torch's and Python's generators seeded by `seed`."""
+        """`transform(x)` with torch's CPU generator and Python's generator (those torchvision's
+        random transforms draw from) seeded by `seed`, both restored afterwards in the main
+        process. Only the CPU generator is seeded: `torch.manual_seed` also queues a seeding of
+        every accelerator's generators, with a stack trace each time (~1 ms per item)."""
         if self.transform is None:
             return x
         import random
 
+        cpu = torch.default_generator
         if get_worker_info() is not None:  # a worker's generators are its own
-            torch.manual_seed(seed)
+            cpu.manual_seed(seed)
             random.seed(seed)
             return self.transform(x)
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.transform(x)
-            finally:
-                random.setstate(state)
+        torch_state, python_state = cpu.get_state(), random.getstate()
+        cpu.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return self.transform(x)
+        finally:
+            cpu.set_state(torch_state)
+            random.setstate(python_state)
 
 
 def _collate(items: list[tuple[int, Any, int]]) -> tuple[torch.Tensor, torch.Tensor,
