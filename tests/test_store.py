@@ -662,7 +662,7 @@ def test_check_replayable(tmp_path: Path) -> None:
     empty = SelectionStore.create(tmp_path / "empty.h5", make_meta())
     late = SelectionStore.create(tmp_path / "late.h5", make_meta())
     late.append(Selection(torch.tensor([1]), torch.tensor([1.0]), epoch=2))
-    for s, match in ((empty, "has no rounds"), (late, "no round starts at epoch 0")):
+    for s, match in ((empty, "holds no selection round"), (late, "no round starts at epoch 0")):
         s.finish()
         for allow in (False, True):
             with pytest.raises(SelectionFileError, match=match) as info:
