@@ -283,6 +283,37 @@ def test_trainer_per_step_rate_reaches_zero_despite_pruned_epochs():
     assert rates[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_resumed_run_draws_the_same_subsets(tmp_path):
+    data = _own_data()
+
+    def config():
+        return TrainConfig(dataset="mine", strategy="infobatch", epochs=5, batch_size=32,
+                           save_selections=str(tmp_path / "a.h5"))
+
+    whole = Trainer(config(), model=_mlp(), dataset=data, out_dir=tmp_path / "a")
+    whole.fit()
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        if record["epoch"] == 2:
+            raise Stop
+
+    cfg = config()
+    cfg.save_selections = str(tmp_path / "b.h5")
+    with pytest.raises(Stop):
+        Trainer(cfg, model=_mlp(), dataset=data, out_dir=tmp_path / "b", callbacks=[stop]).fit()
+    cfg = config()
+    cfg.save_selections = str(tmp_path / "b.h5")
+    Trainer(cfg, model=_mlp(), dataset=data, out_dir=tmp_path / "b", resume=True).fit()
+    a = SelectionStore.open(tmp_path / "a.h5").schedule()
+    b = SelectionStore.open(tmp_path / "b.h5").schedule()
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.weights, y.weights)
+
+
 # ---- torch.distributed -------------------------------------------------------------------------
 class _ThreadGroup:
     """Two ranks as two threads: all_reduce sums the ranks' tensors (the Dist interface)."""

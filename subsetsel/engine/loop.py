@@ -350,8 +350,9 @@ class Engine:
         taken = 0
         sink = opened.losses
         start_period = getattr(self.lr, "start_period", None)
-        if start_period is not None:
+        if start_period is not None:  # a per-step rate by progress: log the period's first
             start_period(period, plan.steps)
+        first_lr = self.optimizer.param_groups[0]["lr"]
         for step in plan:
             out = self.step(step, embeddings)
             if sink is not None:  # per-example losses of the training forward, by index
@@ -364,7 +365,8 @@ class Engine:
         if sink is not None:
             sink.flush()  # under torch.distributed: the ranks' losses combined
         extra = self.policy.end_epoch()
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this period trained at
+        # the rate this period trained at (by progress: the one of its first step)
+        lr = first_lr if start_period is not None else self.optimizer.param_groups[0]["lr"]
         self.lr.after_period()
         self.counts.fresh = opened.reader.fresh
         if self.dist.active:  # examples of all ranks; the steps are shared
