@@ -251,11 +251,22 @@ class SubsetLoader:
     def global_loss(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum(w * l) / sum(w) over the global batch of all ranks, scaled so that DDP's
         gradient average gives that loss's gradient (in one process: the plain weighted mean).
+        For strategies whose weights rescale the gradient (`mean_loss`: infobatch, and replays
+        of its files) the divisor is the number of rows instead: mean(w * l).
         Costs one all-reduce of sum(w) per step under torch.distributed."""
-        total = weights.sum()
+        if self.mean_loss:
+            total = torch.tensor(float(weights.numel()), device=weights.device)
+        else:
+            total = weights.sum()
         if self.dist.active:
             total = self.dist.all_reduce(total.detach().clone()) / self.dist.world
         return (losses * weights).sum() / total.clamp_min(1e-12)
+
+    @property
+    def mean_loss(self) -> bool:
+        """Whether this loader's selections are meant to train with mean(w * l) rather than
+        sum(w * l) / sum(w) (infobatch; `global_loss` does it for you)."""
+        return bool(getattr(self.schedule, "mean_loss", False))
 
     @property
     def selection(self) -> Selection | None:

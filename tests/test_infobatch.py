@@ -20,6 +20,7 @@ from test_loader import Pairs
 from subsetsel import SubsetLoader
 from subsetsel.cli import main
 from subsetsel.data import TensorData
+from subsetsel.data.sampler import epoch_order
 from subsetsel.engine.loop import ByProgress
 from subsetsel.optim import SCHEDULES
 from subsetsel.selection.base import create_strategy, round_generator
@@ -115,6 +116,14 @@ def test_engine_records_the_training_forward_losses_by_index():
     assert not bool(torch.isnan(recorded).any())
     torch.testing.assert_close(recorded, direct, rtol=1e-5, atol=1e-6)
     assert trainer.history[1]["subset_size"] < len(data)  # epoch 1 pruned from them
+    # epoch 1's steps: mean(w * l) over each batch (the reference's normalisation)
+    order = epoch_order(trainer.selection, config.seed, 1)
+    with torch.no_grad():
+        steps = [(F.cross_entropy(initial(data.x_train[i]), data.y_train[i], reduction="none")
+                  * w).mean() for i, w in zip(order.indices.split(32), order.weights.split(32),
+                                              strict=True)]
+    assert trainer.history[1]["train_loss"] == pytest.approx(float(torch.stack(steps).mean()),
+                                                             rel=1e-5)
     # a strategy that wants no losses records nothing
     other = Trainer(TrainConfig(dataset="mine", strategy="random", fraction=0.5, epochs=1,
                                 batch_size=32), model=_mlp(), dataset=data)
@@ -153,6 +162,11 @@ def test_cli_run_is_replayed_exactly(in_tmp):
         assert a.epoch == b.epoch
         assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
     assert all(r["select_seconds"] == 0 for r in read_log("runs/replay"))
+    # replayed with the same settings, the run is the original one (same steps, same loss)
+    same = _invoke(["train", "--replay", "ib", *SMALL, "--out", "runs/same"])
+    assert same.exit_code == 0, same.output
+    assert ([(r["train_loss"], r["test_acc"]) for r in read_log("runs/same")]
+            == [(r["train_loss"], r["test_acc"]) for r in log])
 
 
 def test_dataloader_path_prunes_like_the_tensor_path(in_tmp):
@@ -225,6 +239,9 @@ def test_subset_loader_prunes_from_recorded_losses(small_mnist1d):
         weights |= set(loader.selection.weights.tolist())
     assert sizes[0] == 600 and all(s < 600 for s in sizes[1:])
     assert weights == {1.0, 2.0}
+    assert loader.mean_loss  # global_loss divides by the rows: mean(w * l)
+    loss, w = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 1.0, 2.0])
+    assert float(loader.global_loss(loss, w)) == pytest.approx(float((loss * w).mean()))
     with pytest.raises(RuntimeError, match="no batch is in flight"):
         loader.record(torch.zeros(3))
 

@@ -7,7 +7,8 @@ losses go back to the policy -> at the end of the period: test evaluation when d
 and the callbacks (log file, checkpoint, progress, user hooks).
 
 Weighted loss: a step's loss is sum_i w_i * l_i / sum_i w_i (the reference Grad-Match
-normalisation), or mean_i(w_i * l_i) for unbiased estimators (importance sampling, replay).
+normalisation), or mean_i(w_i * l_i) for unbiased estimators (importance sampling, replay, and
+the selections of strategies that ask for it, `Period.mean_loss`: InfoBatch).
 
 Time accounting (wall seconds, CUDA synchronised): `select_seconds` is time spent choosing
 subsets, `train_seconds` the time in training steps (reading, policy work and steps),
@@ -67,6 +68,7 @@ class Period:
     select_seconds: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
     losses: LossSink | None = None
+    mean_loss: bool = False  # every step's loss is mean(w * l) (the selection's strategy asks)
 
 
 class Feed(Protocol):
@@ -222,6 +224,7 @@ class Engine:
         self.history: list[dict[str, Any]] = []
         self._loss_sum = torch.zeros((), device=device)
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self._mean_loss = False  # the current period's selections ask for mean(w * l)
 
     @property
     def module(self) -> nn.Module:
@@ -248,6 +251,7 @@ class Engine:
         over the batches of all ranks, from one all-reduce of (sum w, rows, sum w * l); each
         rank's loss is scaled by the world size because DDP averages the gradients."""
         batch = step.batch
+        mean_loss = step.mean_loss or self._mean_loss
         self.model.train()
         with capture_last_input(self.module, embeddings) as inputs:
             logits = self.precision.forward(self.model, batch.x)
@@ -258,11 +262,11 @@ class Engine:
                                   torch.tensor(float(len(batch)), device=losses.device),
                                   weighted.detach().float()])
             self.dist.all_reduce(totals)
-            norm = totals[1] if step.mean_loss else totals[0].clamp_min(1e-12)
+            norm = totals[1] if mean_loss else totals[0].clamp_min(1e-12)
             loss = weighted * (self.dist.world / norm)
             value = totals[2] / norm  # the global loss, the same on every rank
         else:
-            if step.mean_loss:
+            if mean_loss:
                 loss = (losses * batch.w).mean()
             else:
                 loss = weighted / batch.w.sum().clamp_min(1e-12)
@@ -344,6 +348,7 @@ class Engine:
         self.counts = Counters()
         self._loss_sum.zero_()
         opened = self.feed.open(period)
+        self._mean_loss = opened.mean_loss
         start = time.perf_counter()
         plan = self.policy.plan(opened.reader, self.context())
         embeddings = self.policy.wants_embeddings

@@ -24,7 +24,12 @@ from subsetsel.data.sampler import epoch_order, shard
 from subsetsel.engine.dist import Dist
 from subsetsel.engine.loop import Period
 from subsetsel.engine.precision import Precision
-from subsetsel.selection.base import Selection, SelectionContext, Strategy
+from subsetsel.selection.base import (
+    Selection,
+    SelectionContext,
+    Strategy,
+    strategy_mean_loss,
+)
 from subsetsel.selection.losses import LossRecord
 from subsetsel.store import SelectionMetadata, SelectionStore
 
@@ -55,6 +60,11 @@ class StrategySchedule:
     dist: Dist | None = None
     epochs: int | None = None  # the run's length (strategies that schedule by it need it)
     losses: LossRecord | None = None  # made when the strategy first wants losses
+
+    @property
+    def mean_loss(self) -> bool:
+        """Whether steps on these selections use mean(w * l) (`Strategy.mean_loss`)."""
+        return self.strategy.mean_loss
 
     def recorder(self, epoch: int) -> LossRecord | None:
         """Where epoch `epoch`'s training losses go, or None when the strategy does not want
@@ -119,6 +129,8 @@ class ReplaySchedule:
         self.store = store
         self.total_epochs = total_epochs
         self.starts = set(store.round_starts(total_epochs))
+        # the loss normalisation of the strategy that made the file (InfoBatch: mean(w * l))
+        self.mean_loss = strategy_mean_loss(store.metadata.strategy)
 
     def selection_for(self, epoch: int) -> Selection | None:
         if epoch not in self.starts:
@@ -178,7 +190,8 @@ class SubsetFeed:
             fields.update(log_fields(period))
         recorder = getattr(self.schedule, "recorder", None)
         losses = recorder(period) if recorder is not None else None
-        return Period(reader, select_seconds, fields, losses)
+        return Period(reader, select_seconds, fields, losses,
+                      bool(getattr(self.schedule, "mean_loss", False)))
 
     def finish(self) -> None:
         """The schedule ran to its end: the selection file says so."""

@@ -109,6 +109,9 @@ class Strategy:
     # that asks for another value is refused (see `fixed_settings`)
     fixed: ClassVar[dict[str, Any]] = {}
     fixed_reason: ClassVar[str] = ""
+    # train on this strategy's selections (and their replays) with the step loss mean(w * l)
+    # instead of sum(w * l) / sum(w): weights that rescale the gradient (InfoBatch's 1/(1-r))
+    mean_loss: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         budget(self.fraction, 1)  # validates the fraction
@@ -168,6 +171,12 @@ def fixed_settings(strategy: str, given: dict[str, Any],
     return out
 
 
+def strategy_mean_loss(name: str) -> bool:
+    """Whether selections made by strategy `name` train with mean(w * l) (`Strategy.mean_loss`);
+    False for a name not registered here."""
+    return name in STRATEGIES and STRATEGIES.get(name).mean_loss
+
+
 def whole_batches(k: int, batches: int, batch_size: int, n: int, fraction: float,
                   name: str) -> int:
     """Batches a per-batch strategy picks for a budget of k examples: ceil(k / batch_size), at
@@ -200,5 +209,6 @@ __all__ = [
     "whole_batches",
     "register_strategy",
     "round_generator",
+    "strategy_mean_loss",
     "strategy_names",
 ]

@@ -9,9 +9,12 @@ recent training loss l_i (recorded from the training forward, `LossRecord`; no e
 - every other example, and every example without a recorded loss yet, is kept with weight 1.
 
 From epoch `stop` on (the last 1 - delta of the run) every example is kept with weight 1
-(annealing). Each epoch's kept set is one `Selection` (stored in the selection file, hence
-replayable). The draw uses `round_generator(seed, round, salt)` on the CPU, the same on every
-rank; under torch.distributed the ranks' losses are combined before it (`LossRecord.flush`).
+(annealing). The step loss is mean(w * l) over the batch (the reference's normalisation,
+`Strategy.mean_loss`), so an epoch's expected total update equals the full-data epoch's
+although it takes fewer steps. Each epoch's kept set is one `Selection` (stored in the
+selection file, hence replayable; a replay trains with the same normalisation). The draw uses
+`round_generator(seed, round, salt)` on the CPU, the same on every rank; under
+torch.distributed the ranks' losses are combined before it (`LossRecord.flush`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class InfoBatch(Strategy):
     previous one; the last 1 - delta of the epochs train on the full data."""
 
     name = "infobatch"
+    mean_loss = True  # the reference's (w * l).mean(): the expected epoch update is full data's
     fixed = {"select_every": 1, "fraction": 1.0, "warm_start": 0.0}
     fixed_reason = ("it selects every epoch from the last training losses (its kept share "
                     "follows from --prune-ratio; --select-every 1, --fraction 1, no warm start)")
