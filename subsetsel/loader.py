@@ -7,6 +7,7 @@
         for inputs, targets, weights in loader:
             losses = F.cross_entropy(model(inputs), targets, reduction="none")
             loss = (losses * weights).sum() / weights.sum()
+            loader.record(losses)  # per-example losses back (infobatch uses them; else a no-op)
             ...
 
 Each `iter(loader)` is one epoch. When a round is due it selects first (the model in eval mode,
@@ -14,10 +15,17 @@ its mode restored afterwards; the seconds are in `select_seconds`), writes the r
 selection file exactly as `subsetsel train` does, then yields (inputs, targets, weights) batches
 of the subset in a seeded order, on `device`. `SubsetLoader(dataset, replay="sel.h5")` replays a
 file instead: no model, no selection cost (the file's fingerprint must match the dataset).
+
+Strategies that select from training losses (`infobatch`) take them from your loop:
+`loader.record(losses)` after each batch, `losses` being the (B,) per-example losses of the
+batch just yielded, in its order (`loader.record(losses, indices)` with the dataset positions
+`loader.indices` of that batch also works, e.g. from a later point of the loop). For other
+strategies `record` only checks the shape: calling it always is safe.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,8 @@ from subsetsel.engine.schedule import (
     create_store,
     open_replay,
 )
-from subsetsel.selection.base import Selection, Strategy, create_strategy
+from subsetsel.selection.base import Selection, Strategy, create_strategy, fixed_settings
+from subsetsel.selection.losses import LossRecord
 from subsetsel.store import SelectionStore, find_existing
 
 
@@ -122,6 +131,13 @@ class SubsetLoader:
                                              allow_incomplete=allow_incomplete)
             strategy_name = "replay"
         else:
+            given = {"select_every": select_every, "fraction": fraction,
+                     "warm_start": warm_start}
+            name_of = strategy if isinstance(strategy, str) else strategy.name
+            fixed = fixed_settings(name_of, given, {"select_every": 5, "fraction": 0.1,
+                                                    "warm_start": 0.0})
+            select_every, fraction, warm_start = (fixed["select_every"], fixed["fraction"],
+                                                  fixed["warm_start"])
             if isinstance(strategy, str):
                 strategy_name = strategy
                 strategy = create_strategy(strategy, fraction=fraction, seed=seed,
@@ -138,7 +154,7 @@ class SubsetLoader:
             schedule = StrategySchedule(
                 strategy, select_every, model if model is not None else _NoModel(strategy_name),
                 self.data, batch_size, seed, self.device,
-                Precision(self.device, amp, channels_last), warm, self.dist,
+                Precision(self.device, amp, channels_last), warm, self.dist, epochs=epochs,
             )
         self.epochs = epochs
         self.schedule = schedule
@@ -155,6 +171,9 @@ class SubsetLoader:
                        "source": "SubsetLoader"},
         }
         self._reader: EpochReader | None = None
+        self._sink: LossRecord | None = None  # where this epoch's recorded losses go
+        self._last: torch.Tensor | None = None  # indices of the batch just yielded
+        self._last_recorded = False
 
     # ---- the epoch ---------------------------------------------------------------------------
     def _prepare(self) -> EpochReader:
@@ -170,6 +189,7 @@ class SubsetLoader:
             self.last_select_seconds = period.select_seconds
             self.select_seconds += period.select_seconds
             self._reader = period.reader
+            self._sink = period.losses  # type: ignore[assignment]
         return self._reader
 
     def __len__(self) -> int:
@@ -178,21 +198,75 @@ class SubsetLoader:
 
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
         reader = self._prepare()
+        sink = self._sink
         for batch in reader.batches(self.batch_size):
+            self._last, self._last_recorded = batch.indices, False
             yield batch.x, batch.y, batch.w
+        self._last = None
+        if sink is not None:
+            if sink.recorded == 0:
+                warnings.warn(
+                    f"SubsetLoader: strategy {self._store_info['strategy']!r} selects from "
+                    f"training losses, but epoch {self.epoch} recorded none: call "
+                    "loader.record(losses) after each batch (until then it keeps every "
+                    "example)", stacklevel=2)
+            sink.flush()  # under torch.distributed: the ranks' losses combined
         self._reader = None
+        self._sink = None
         self.epoch += 1
         if self.epochs is not None and self.epoch == self.epochs:
             self.feed.finish()
 
+    @property
+    def indices(self) -> torch.Tensor | None:
+        """int64 (B,) dataset positions of the batch just yielded (None outside an epoch)."""
+        return self._last
+
+    def record(self, losses: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Hand back per-example training losses: `losses` (B,), one per example of the batch
+        just yielded, in its order (e.g. `F.cross_entropy(logits, targets, reduction="none")`;
+        detached here), or of the examples at dataset positions `indices` (B,) when given
+        (e.g. `loader.indices` saved earlier). Strategies that select from losses (infobatch)
+        use them for the next epoch's draw; for the others this only checks the shape.
+        A device-side scatter: no host sync."""
+        if indices is None:
+            if self._last is None:
+                raise RuntimeError("record(losses) refers to the batch just yielded, and no "
+                                   "batch is in flight: call it inside the loop over the "
+                                   "loader, or pass indices")
+            if self._last_recorded:
+                raise RuntimeError("record(losses) was already called for this batch; pass "
+                                   "indices to record other examples")
+            indices = self._last
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or (
+                losses.numel() != indices.numel()):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
+            raise ValueError(f"record() takes one loss per example, shape ({indices.numel()},) "
+                             f"(reduction='none'); got {shape}")
+        if indices is self._last:
+            self._last_recorded = True
+        if self._sink is not None:
+            self._sink.record(indices, losses)
+
     def global_loss(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum(w * l) / sum(w) over the global batch of all ranks, scaled so that DDP's
         gradient average gives that loss's gradient (in one process: the plain weighted mean).
+        For strategies whose weights rescale the gradient (`mean_loss`: infobatch, and replays
+        of its files) the divisor is the number of rows instead: mean(w * l).
         Costs one all-reduce of sum(w) per step under torch.distributed."""
-        total = weights.sum()
+        if self.mean_loss:
+            total = torch.tensor(float(weights.numel()), device=weights.device)
+        else:
+            total = weights.sum()
         if self.dist.active:
             total = self.dist.all_reduce(total.detach().clone()) / self.dist.world
         return (losses * weights).sum() / total.clamp_min(1e-12)
+
+    @property
+    def mean_loss(self) -> bool:
+        """Whether this loader's selections are meant to train with mean(w * l) rather than
+        sum(w * l) / sum(w) (infobatch; `global_loss` does it for you)."""
+        return bool(getattr(self.schedule, "mean_loss", False))
 
     @property
     def selection(self) -> Selection | None:

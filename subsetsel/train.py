@@ -22,7 +22,7 @@ from subsetsel.data.base import TrainData
 from subsetsel.engine import dist
 from subsetsel.engine.dist import Dist
 from subsetsel.engine.files import RunDirError, RunFiles, claim, read_log
-from subsetsel.engine.loop import Engine, PerPeriod
+from subsetsel.engine.loop import ByProgress, Engine, PerPeriod
 from subsetsel.engine.precision import Precision
 from subsetsel.engine.progress import ProgressBar
 from subsetsel.engine.schedule import (
@@ -36,7 +36,7 @@ from subsetsel.engine.schedule import (
 from subsetsel.errors import NonFiniteError
 from subsetsel.online.base import POLICIES, Policy, create_policy
 from subsetsel.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
-from subsetsel.selection.base import STRATEGIES, Selection, create_strategy
+from subsetsel.selection.base import STRATEGIES, Selection, create_strategy, fixed_settings
 from subsetsel.store import SelectionStore
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -71,6 +71,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    lr_per_step: bool = False  # set the rate before every step by progress in epochs (ByProgress)
     seed: int = 0
     device: str = "auto"
     amp: bool = False  # bf16 autocast for training, evaluation and selection forwards
@@ -83,8 +84,19 @@ class TrainConfig:
     save_selections: str | None = None  # path of the selection file this run writes
 
     def validate(self) -> None:
-        """Raise ValueError (one line) for out-of-range or non-finite numbers, unknown names."""
+        """Raise ValueError (one line) for out-of-range or non-finite numbers, unknown names,
+        strategy options out of range, or a schedule setting the strategy decides itself
+        (`Strategy.fixed`, e.g. infobatch selects every epoch) set to another value; such
+        settings left at their defaults are set to the strategy's values."""
         check_finite_options(self)
+        STRATEGIES.check(self.strategy)
+        if self.replay is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+            fixed = fixed_settings(self.strategy, {"select_every": self.select_every,
+                                                   "fraction": self.fraction,
+                                                   "warm_start": self.warm_start}, defaults)
+            for key, value in fixed.items():
+                setattr(self, key, value)
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
         for name in ("batch_size", "epochs", "select_every"):
@@ -107,6 +119,9 @@ class TrainConfig:
         OPTIMIZERS.check(self.optimizer)
         SCHEDULES.check(self.schedule)
         POLICIES.check(self.policy)
+        if self.replay is None:  # the strategy's own options (ranges), before any data loads
+            create_strategy(self.strategy, fraction=self.fraction, seed=self.seed,
+                            **self.strategy_params)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,6 +273,7 @@ class Trainer:
             schedule = StrategySchedule(
                 strategy, config.select_every, self.model, self.dataset, config.batch_size,
                 config.seed, self.device, self.precision, self.warm_epochs, self.dist,
+                epochs=self.total_epochs,
             )
         self.schedule = schedule
         self.policy = policy if policy is not None else create_policy(config.policy,
@@ -272,7 +288,7 @@ class Trainer:
         hooks += [_record_hook(cb) for cb in callbacks or []]
         self.engine = Engine(
             model=parts.model, data=self.dataset, optimizer=self.optimizer,
-            lr=PerPeriod(build_schedule(config.schedule, self.optimizer, self.total_epochs)),
+            lr=self._lr_control(),
             feed=self.feed, policy=self.policy, seed=config.seed,
             batch_size=config.batch_size, device=self.device, precision=self.precision,
             eval_every=config.eval_every, callbacks=hooks, dist=self.dist,
@@ -304,6 +320,15 @@ class Trainer:
     def selection(self) -> Selection | None:
         """The subset in force (the last epoch's, after training)."""
         return self.feed.selection
+
+    def _lr_control(self) -> ByProgress | PerPeriod:
+        """Per epoch (default), or per step by progress in epochs (`lr_per_step`; follows
+        epochs of changing length, see `ByProgress`)."""
+        if self.config.lr_per_step:
+            return ByProgress(self.optimizer, SCHEDULES.get(self.config.schedule)(
+                self.total_epochs))
+        return PerPeriod(build_schedule(self.config.schedule, self.optimizer,
+                                        self.total_epochs))
 
     def _replay_schedule(self, path: str) -> ReplaySchedule:
         """The file's rounds over this run's epochs (the file holds any warm-up)."""

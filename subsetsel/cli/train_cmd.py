@@ -27,12 +27,17 @@ POLICY_FIELDS, policy_options = options_for(POLICIES, "policy")
 @click.option("--fraction", type=FLOAT, default=_DEFAULTS.fraction, show_default=True,
               help="Subset size as a share of the training set, in (0, 1].")
 @click.option("--select-every", type=click.IntRange(min=1), default=_DEFAULTS.select_every,
-              show_default=True, help="Re-select every R epochs.")
+              show_default=True,
+              help="Re-select every R epochs (infobatch selects every epoch: 1).")
 @click.option("--warm-start", type=FLOAT, default=_DEFAULTS.warm_start, show_default=True,
               help="Kappa: ceil(kappa*epochs*fraction) full-data epochs first, compute matched.")
 @click.option("--epochs", type=click.IntRange(min=1), default=_DEFAULTS.epochs,
               show_default=True)
 @optimization_options
+@click.option("--lr-per-step", is_flag=True, default=_DEFAULTS.lr_per_step,
+              help="Set the learning rate before every step from the progress in epochs "
+                   "(epoch + step/steps_in_epoch) instead of once per epoch; follows epochs "
+                   "whose length changes (infobatch).")
 @click.option("--policy", default=_DEFAULTS.policy, show_default=True,
               help="Per-batch policy (see `subsetsel list`; docs/online.md).")
 @strategy_options
@@ -154,7 +159,17 @@ def _config(options: dict[str, object], ctx: click.Context) -> TrainConfig:
                                    "rounds are replayed as stored)")
     strategy, policy = str(options["strategy"]), str(options["policy"])
     if strategy in STRATEGIES:
-        refuse_inapplicable(strategy_params, STRATEGIES.get(strategy), f"--strategy {strategy}")
+        cls = STRATEGIES.get(strategy)
+        refuse_inapplicable(strategy_params, cls, f"--strategy {strategy}")
+        if options.get("replay") is None:
+            for name, value in cls.fixed.items():  # settings the strategy decides itself
+                explicit = (ctx.get_parameter_source(name)
+                            is not click.core.ParameterSource.DEFAULT)
+                if explicit and options[name] != value:
+                    raise click.UsageError(
+                        f"--{name.replace('_', '-')} {options[name]} does not apply to "
+                        f"--strategy {strategy}: {cls.fixed_reason}")
+                options[name] = value
     if policy in POLICIES:
         refuse_inapplicable(policy_params, POLICIES.get(policy), f"--policy {policy}")
     return TrainConfig(**options, strategy_params=strategy_params,  # type: ignore[arg-type]

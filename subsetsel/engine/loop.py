@@ -7,7 +7,8 @@ losses go back to the policy -> at the end of the period: test evaluation when d
 and the callbacks (log file, checkpoint, progress, user hooks).
 
 Weighted loss: a step's loss is sum_i w_i * l_i / sum_i w_i (the reference Grad-Match
-normalisation), or mean_i(w_i * l_i) for unbiased estimators (importance sampling, replay).
+normalisation), or mean_i(w_i * l_i) for unbiased estimators (importance sampling, replay, and
+the selections of strategies that ask for it, `Period.mean_loss`: InfoBatch).
 
 Time accounting (wall seconds, CUDA synchronised): `select_seconds` is time spent choosing
 subsets, `train_seconds` the time in training steps (reading, policy work and steps),
@@ -50,13 +51,24 @@ class Counters:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
+class LossSink(Protocol):
+    """Where a period's per-example training losses go (`subsetsel.selection.losses`)."""
+
+    def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None: ...
+
+    def flush(self) -> None: ...
+
+
 @dataclass
 class Period:
-    """One period's data: the reader, the seconds spent choosing its examples, log fields."""
+    """One period's data: the reader, the seconds spent choosing its examples, log fields, and
+    where the training losses of its steps go (None: they are not recorded)."""
 
     reader: EpochReader
     select_seconds: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
+    losses: LossSink | None = None
+    mean_loss: bool = False  # every step's loss is mean(w * l) (the selection's strategy asks)
 
 
 class Feed(Protocol):
@@ -114,6 +126,57 @@ class PerStep(PerPeriod):
         pass
 
 
+class ByProgress:
+    """The learning rate set before every optimizer step from the run's progress in epochs,
+    p = epoch + steps_taken / steps_in_epoch: lr = base_lr * factor(p) (factor: a schedule of
+    `subsetsel.optim.SCHEDULES`, evaluated at fractional epochs).
+
+    A per-step schedule built on a total step count needs every epoch's length in advance; with
+    epochs whose length changes (InfoBatch prunes each epoch anew, from losses not yet seen) that
+    count is unknown. Progress in epochs is known: whatever the epoch lengths, the rate moves
+    smoothly within each epoch, starts epoch e at factor(e), and reaches factor(epochs) (cosine:
+    0) after the last step of the last epoch. The engine calls `start_period(epoch, steps)`
+    before each epoch's first step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 factor: Callable[[float], float]) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        self.base = [float(g.setdefault("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        self.epoch, self.steps, self.taken = 0, 1, 0
+        self._apply(0.0)
+
+    @property
+    def progress(self) -> float:
+        return self.epoch + min(self.taken, self.steps) / self.steps
+
+    def _apply(self, progress: float) -> None:
+        scale = self.factor(progress)
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = base * scale
+
+    def start_period(self, epoch: int, steps: int) -> None:
+        self.epoch, self.steps, self.taken = epoch, max(1, steps), 0
+        self._apply(self.progress)
+
+    def after_step(self) -> None:
+        self.taken += 1
+        self._apply(self.progress)
+
+    def after_period(self) -> None:
+        self.epoch, self.steps, self.taken = self.epoch + 1, 1, 0
+        self._apply(self.progress)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "steps": self.steps, "taken": self.taken,
+                "base": list(self.base)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.steps, self.taken = state["epoch"], state["steps"], state["taken"]
+        self.base = [float(b) for b in state["base"]]
+        self._apply(self.progress)
+
+
 Callback = Callable[["Engine", dict[str, Any]], None]
 
 
@@ -161,6 +224,7 @@ class Engine:
         self.history: list[dict[str, Any]] = []
         self._loss_sum = torch.zeros((), device=device)
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self._mean_loss = False  # the current period's selections ask for mean(w * l)
 
     @property
     def module(self) -> nn.Module:
@@ -187,6 +251,7 @@ class Engine:
         over the batches of all ranks, from one all-reduce of (sum w, rows, sum w * l); each
         rank's loss is scaled by the world size because DDP averages the gradients."""
         batch = step.batch
+        mean_loss = step.mean_loss or self._mean_loss
         self.model.train()
         with capture_last_input(self.module, embeddings) as inputs:
             logits = self.precision.forward(self.model, batch.x)
@@ -197,11 +262,11 @@ class Engine:
                                   torch.tensor(float(len(batch)), device=losses.device),
                                   weighted.detach().float()])
             self.dist.all_reduce(totals)
-            norm = totals[1] if step.mean_loss else totals[0].clamp_min(1e-12)
+            norm = totals[1] if mean_loss else totals[0].clamp_min(1e-12)
             loss = weighted * (self.dist.world / norm)
             value = totals[2] / norm  # the global loss, the same on every rank
         else:
-            if step.mean_loss:
+            if mean_loss:
                 loss = (losses * batch.w).mean()
             else:
                 loss = weighted / batch.w.sum().clamp_min(1e-12)
@@ -290,18 +355,30 @@ class Engine:
         self.counts = Counters()
         self._loss_sum.zero_()
         opened = self.feed.open(period)
+        self._mean_loss = opened.mean_loss
         start = time.perf_counter()
         plan = self.policy.plan(opened.reader, self.context())
         embeddings = self.policy.wants_embeddings
         taken = 0
+        sink = opened.losses
+        start_period = getattr(self.lr, "start_period", None)
+        if start_period is not None:  # a per-step rate by progress: log the period's first
+            start_period(period, plan.steps)
+        first_lr = self.optimizer.param_groups[0]["lr"]
         for step in plan:
-            self.policy.observe(step, self.step(step, embeddings))
+            out = self.step(step, embeddings)
+            if sink is not None:  # per-example losses of the training forward, by index
+                sink.record(step.batch.indices, out.losses)
+            self.policy.observe(step, out)
             taken += 1
         if taken != plan.steps:
             raise RuntimeError(f"policy {self.policy.name!r} planned {plan.steps} steps but took "
                                f"{taken} (a bug: please report it)")
+        if sink is not None:
+            sink.flush()  # under torch.distributed: the ranks' losses combined
         extra = self.policy.end_epoch()
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this period trained at
+        # the rate this period trained at (by progress: the one of its first step)
+        lr = first_lr if start_period is not None else self.optimizer.param_groups[0]["lr"]
         self.lr.after_period()
         self.counts.fresh = opened.reader.fresh
         if self.dist.active:  # examples of all ranks; the steps are shared

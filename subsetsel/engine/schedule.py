@@ -24,7 +24,13 @@ from subsetsel.data.sampler import epoch_order, shard
 from subsetsel.engine.dist import Dist
 from subsetsel.engine.loop import Period
 from subsetsel.engine.precision import Precision
-from subsetsel.selection.base import Selection, SelectionContext, Strategy
+from subsetsel.selection.base import (
+    Selection,
+    SelectionContext,
+    Strategy,
+    strategy_mean_loss,
+)
+from subsetsel.selection.losses import LossRecord
 from subsetsel.store import SelectionMetadata, SelectionStore
 
 
@@ -52,6 +58,22 @@ class StrategySchedule:
     precision: Precision
     warm_epochs: int = 0
     dist: Dist | None = None
+    epochs: int | None = None  # the run's length (strategies that schedule by it need it)
+    losses: LossRecord | None = None  # made when the strategy first wants losses
+
+    @property
+    def mean_loss(self) -> bool:
+        """Whether steps on these selections use mean(w * l) (`Strategy.mean_loss`)."""
+        return self.strategy.mean_loss
+
+    def recorder(self, epoch: int) -> LossRecord | None:
+        """Where epoch `epoch`'s training losses go, or None when the strategy does not want
+        them (then nothing is recorded)."""
+        if epoch < self.warm_epochs or not self.strategy.wants_losses(epoch, self.epochs):
+            return None
+        if self.losses is None:
+            self.losses = LossRecord(len(self.data), self.device, self.dist)
+        return self.losses
 
     def selection_for(self, epoch: int) -> Selection | None:
         if epoch < self.warm_epochs:
@@ -62,7 +84,8 @@ class StrategySchedule:
         ctx = SelectionContext(
             model=self.model, dataset=self.data, epoch=epoch,
             round_index=offset // self.select_every, batch_size=self.batch_size, seed=self.seed,
-            device=self.device, precision=self.precision, dist=self.dist,
+            device=self.device, precision=self.precision, dist=self.dist, epochs=self.epochs,
+            losses=self.losses,
         )
         start = time.perf_counter()
         was_training = self.model.training
@@ -77,6 +100,16 @@ class StrategySchedule:
 
     def log_fields(self, epoch: int) -> dict[str, Any]:
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The recorded losses (a resumed run draws the same subsets)."""
+        return {} if self.losses is None else {"losses": self.losses.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "losses" in state:
+            if self.losses is None:
+                self.losses = LossRecord(len(self.data), self.device, self.dist)
+            self.losses.load_state_dict(state["losses"])
 
     def params(self) -> dict[str, Any]:
         """The strategy's parameters plus the schedule settings (provenance)."""
@@ -96,6 +129,8 @@ class ReplaySchedule:
         self.store = store
         self.total_epochs = total_epochs
         self.starts = set(store.round_starts(total_epochs))
+        # the loss normalisation of the strategy that made the file (InfoBatch: mean(w * l))
+        self.mean_loss = strategy_mean_loss(store.metadata.strategy)
 
     def selection_for(self, epoch: int) -> Selection | None:
         if epoch not in self.starts:
@@ -153,7 +188,10 @@ class SubsetFeed:
         log_fields = getattr(self.schedule, "log_fields", None)
         if log_fields is not None:
             fields.update(log_fields(period))
-        return Period(reader, select_seconds, fields)
+        recorder = getattr(self.schedule, "recorder", None)
+        losses = recorder(period) if recorder is not None else None
+        return Period(reader, select_seconds, fields, losses,
+                      bool(getattr(self.schedule, "mean_loss", False)))
 
     def finish(self) -> None:
         """The schedule ran to its end: the selection file says so."""
@@ -170,11 +208,17 @@ class SubsetFeed:
             }
         if self.store is not None:
             state["store"] = self.store.identity()
+        schedule_state = getattr(self.schedule, "state_dict", None)
+        if schedule_state is not None:
+            state["schedule"] = schedule_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["selection"] is not None:
             self.selection = Selection(**state["selection"])
+        load = getattr(self.schedule, "load_state_dict", None)
+        if load is not None and state.get("schedule"):
+            load(state["schedule"])
 
 
 def open_replay(path: str | Path, data: TrainData, *, dataset: str, total_epochs: int,

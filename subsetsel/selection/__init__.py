@@ -1,6 +1,6 @@
 """Selection strategies. Importing this package registers every built-in strategy."""
 
-from subsetsel.selection import gradmatch, random  # noqa: F401  (register the built-in strategies)
+from subsetsel.selection import gradmatch, infobatch, random  # noqa: F401  (register the built-in strategies)
 from subsetsel.selection.base import (
     Selection,
     SelectionContext,

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from subsetsel.data.base import TrainData
     from subsetsel.engine.dist import Dist
     from subsetsel.engine.precision import Precision
+    from subsetsel.selection.losses import LossRecord
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class SelectionContext:
     device: torch.device
     precision: Precision | None = None
     dist: Dist | None = None
+    epochs: int | None = None  # the run's length (None: open-ended)
+    losses: LossRecord | None = None  # recent training losses (strategies that want them)
 
 
 @dataclass
@@ -102,12 +105,24 @@ class Strategy:
     fraction: float = 1.0
     seed: int = 0
     name: ClassVar[str] = ""
+    # schedule settings the strategy decides itself (setting name -> value), and why; a run
+    # that asks for another value is refused (see `fixed_settings`)
+    fixed: ClassVar[dict[str, Any]] = {}
+    fixed_reason: ClassVar[str] = ""
+    # train on this strategy's selections (and their replays) with the step loss mean(w * l)
+    # instead of sum(w * l) / sum(w): weights that rescale the gradient (InfoBatch's 1/(1-r))
+    mean_loss: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         budget(self.fraction, 1)  # validates the fraction
 
     def select(self, ctx: SelectionContext) -> Selection:
         raise NotImplementedError
+
+    def wants_losses(self, epoch: int, epochs: int | None) -> bool:
+        """Whether the training losses of `epoch` should be recorded for this strategy
+        (`SelectionContext.losses`); recording costs nothing when this is False."""
+        return False
 
     def params(self) -> dict[str, Any]:
         """The strategy's parameters as plain JSON-able values."""
@@ -134,6 +149,32 @@ def strategy_names() -> list[str]:
 def create_strategy(name: str, **params: Any) -> Strategy:
     """Build a registered strategy; parameters it does not declare are ignored."""
     return create_dataclass(STRATEGIES.get(name), params)
+
+
+def fixed_settings(strategy: str, given: dict[str, Any],
+                   defaults: dict[str, Any]) -> dict[str, Any]:
+    """The schedule settings (`select_every`, `fraction`, `warm_start`, ...) to run `strategy`
+    with: `given` with the strategy's fixed ones (`Strategy.fixed`) put in. A given value that
+    is neither the fixed one nor the caller's default (i.e. was asked for) is a one-line
+    ValueError naming the option."""
+    cls = STRATEGIES.get(strategy) if strategy in STRATEGIES else None
+    if cls is None or not cls.fixed:
+        return dict(given)
+    out = dict(given)
+    for key, value in cls.fixed.items():
+        if key not in given:
+            continue
+        if given[key] != value and given[key] != defaults.get(key, value):
+            raise ValueError(f"--{key.replace('_', '-')} {given[key]} does not apply to "
+                             f"--strategy {strategy}: {cls.fixed_reason}")
+        out[key] = value
+    return out
+
+
+def strategy_mean_loss(name: str) -> bool:
+    """Whether selections made by strategy `name` train with mean(w * l) (`Strategy.mean_loss`);
+    False for a name not registered here."""
+    return name in STRATEGIES and STRATEGIES.get(name).mean_loss
 
 
 def whole_batches(k: int, batches: int, batch_size: int, n: int, fraction: float,
@@ -164,8 +205,10 @@ __all__ = [
     "budget",
     "create_strategy",
     "fixed_partition",
+    "fixed_settings",
     "whole_batches",
     "register_strategy",
     "round_generator",
+    "strategy_mean_loss",
     "strategy_names",
 ]
