@@ -375,3 +375,10 @@ def test_search_refuses_huge_integers_naming_the_option(in_tmp, option, value):
     result = invoke(["search", "--selections", "s", "--sampler", "random", "--trials", "1",
                      "--epochs", "1", "--quiet", option, value])
     one_line_error(result, 2, option)
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "gradmatchpb"])
+def test_more_picks_per_step_than_the_budget_means_the_budget(in_tmp, strategy):
+    result = invoke(["train", *SMALL, "--epochs", "1", "--strategy", strategy,
+                     "--picks-per-step", str(10**12), "--out", "p"])
+    assert result.exit_code == 0, result.output
