@@ -382,3 +382,15 @@ def test_more_picks_per_step_than_the_budget_means_the_budget(in_tmp, strategy):
     result = invoke(["train", *SMALL, "--epochs", "1", "--strategy", strategy,
                      "--picks-per-step", str(10**12), "--out", "p"])
     assert result.exit_code == 0, result.output
+
+
+def test_resume_removes_a_killed_writers_temporary_checkpoint(in_tmp):
+    import subprocess
+
+    interrupted(["train", *SMALL, "--epochs", "3", "--strategy", "random", "--out", "r"], 1)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = in_tmp / "r" / f".checkpoint.pt.{dead.pid}.0badc0de.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert invoke(["train", "--resume", "r", "--quiet"]).exit_code == 0
+    assert not stale.exists()

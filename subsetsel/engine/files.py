@@ -120,6 +120,10 @@ class RunFiles:
             torch.save(state, f)
 
     def load_checkpoint(self, device: torch.device) -> dict[str, Any] | None:
+        from subsetsel.store import remove_stale_temps
+
+        for name in ("config.json", "log.jsonl", "checkpoint.pt", "summary.json"):
+            remove_stale_temps(self.dir / name)  # left by a writer killed mid-write
         if not self.checkpoint_path.exists():
             return None
         try:
