@@ -66,10 +66,11 @@ class SearchSettings:
         if not 1 <= self.n_trials < 2**63:
             raise SearchSpaceError(f"--trials must be >= 1 and fit in 64 bits, got {self.n_trials}")
         if not 1 <= self.workers <= MAX_WORKERS:
-            raise SearchSpaceError(f"--workers must be in [1, {MAX_WORKERS}], got {self.workers}")
+            raise SearchSpaceError(f"--workers must be >= 1 and at most {MAX_WORKERS}, got "
+                                   f"{self.workers}")
         if not 1 <= self.heartbeat <= MAX_HEARTBEAT:
-            raise SearchSpaceError(f"--heartbeat must be in [1, {MAX_HEARTBEAT}] seconds, got "
-                                   f"{self.heartbeat}")
+            raise SearchSpaceError(f"--heartbeat must be >= 1 second and at most {MAX_HEARTBEAT}, "
+                                   f"got {self.heartbeat}")
         if self.threads < 0:
             raise SearchSpaceError(f"--threads must be >= 0, got {self.threads}")
         if self.sampler == "grid":
