@@ -394,3 +394,8 @@ def test_resume_removes_a_killed_writers_temporary_checkpoint(in_tmp):
     stale.write_bytes(b"half a checkpoint")
     assert invoke(["train", "--resume", "r", "--quiet"]).exit_code == 0
     assert not stale.exists()
+
+
+def test_search_names_data_workers_when_it_is_huge(in_tmp):
+    result = invoke(["search", "--selections", "s", "--data-workers", str(10**30)])
+    one_line_error(result, 2, "--data-workers")
