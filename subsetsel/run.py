@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from subsetsel.engine.files import RunFileError
 from subsetsel.train import EpochCallback, TrainConfig, Trainer
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     try:
         return TrainConfig(**json.loads(path.read_text())["config"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a subsetsel train config ({err})") from None
+        raise RunFileError(f"{path} is not a subsetsel train config ({err})") from None
 
 
 def run(

@@ -133,13 +133,16 @@ def _flag(name: str) -> str:
 
 def check_finite_options(config: Any) -> None:
     """NonFiniteError (one line naming the option) for a NaN or infinite float field of a
-    config dataclass, including its strategy_params / policy_params."""
+    config dataclass, including its strategy_params / policy_params; ValueError for an int
+    field beyond 64 bits."""
     values = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
     for group in ("strategy_params", "policy_params"):
         values += list(getattr(config, group, {}).items())
     for name, value in values:
         if isinstance(value, float) and not math.isfinite(value):
             raise NonFiniteError(f"--{_flag(name)} must be a finite number, got {value}")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ValueError(f"--{_flag(name)} must fit in 64 bits, got {value}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -7,6 +7,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -239,3 +240,174 @@ def test_sync_bn_without_cuda_is_refused_before_any_process_starts(in_tmp):
     assert result.exit_code == 2
     assert "--sync-bn needs CUDA" in result.output and "Traceback" not in result.output
     assert not (in_tmp / "runs").exists()
+
+
+# ---- found by scripts/fuzz_inputs.py -----------------------------------------------------------
+def _npz(path: Path, **changes) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(60, 8)).astype(np.float32), "y": np.arange(60) % 3,
+              "x_test": rng.normal(size=(20, 8)).astype(np.float32), "y_test": np.arange(20) % 3}
+    arrays.update(changes)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"y": -(np.arange(60) % 3)}, "labels must be >= 0"),
+    ({"y": np.arange(60) % 3 + 0.5}, "whole numbers"),
+    ({"y": np.arange(59) % 3}, "60 inputs but 59 labels"),
+    ({"x": np.zeros(60, "float32")}, "must be (N, D)"),
+    ({"x_test": np.zeros((20, 9), "float32")}, "per example but x_test"),
+    ({"y_test": None}, "lacks array(s) y_test"),
+])
+def test_a_broken_npz_is_a_data_error_exit_1(in_tmp, change, needle):
+    _npz(in_tmp / "d.npz", **change)
+    result = invoke(["train", "--dataset", "npz:d.npz", "--epochs", "1", "--quiet"])
+    one_line_error(result, 1, needle)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip archive\n" * 10])
+def test_an_unreadable_npz_is_a_data_error_exit_1(in_tmp, content):
+    (in_tmp / "d.npz").write_bytes(content)
+    result = invoke(["train", "--dataset", "npz:d.npz", "--epochs", "1", "--quiet"])
+    one_line_error(result, 1, "not a readable .npz file")
+
+
+def _claimed_folders(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("config.json"))
+
+
+@pytest.mark.parametrize("args", [
+    ["--replay", "selections/nope.h5", "--out", "r"],
+    ["--dataset", "npz:none.npz", "--out", "r"],
+    ["--dataset", "npz:none.npz"],
+])
+def test_a_run_refused_before_it_starts_leaves_no_claimed_folder(in_tmp, args):
+    result = invoke(["train", *SMALL, "--epochs", "1", *args])
+    one_line_error(result, 1, "no")
+    assert _claimed_folders(in_tmp) == []
+    if "--out" in args:  # the same --out is free for the corrected run
+        again = invoke(["train", *SMALL, "--epochs", "1", "--strategy", "random", "--out", "r"])
+        assert again.exit_code == 0, again.output
+
+
+def test_a_refused_save_path_leaves_no_claimed_folder(in_tmp):
+    base = ["train", *SMALL, "--epochs", "1", "--strategy", "random", "--save-selections", "s"]
+    assert invoke([*base, "--out", "a"]).exit_code == 0
+    one_line_error(invoke([*base, "--out", "b"]), 1, "already exists")
+    assert _claimed_folders(in_tmp) == [in_tmp / "a"]
+
+
+def test_onepass_refused_before_it_starts_leaves_no_claimed_folder(in_tmp):
+    result = invoke(["onepass", *SMALL, "--dataset", "npz:none.npz", "--out", "o"])
+    one_line_error(result, 1, "npz file not found")
+    assert _claimed_folders(in_tmp) == []
+
+
+def _finished_run(in_tmp: Path) -> Path:
+    result = invoke(["train", *SMALL, "--epochs", "2", "--strategy", "random", "--out", "r"])
+    assert result.exit_code == 0, result.output
+    (in_tmp / "r" / "summary.json").unlink()
+    return in_tmp / "r"
+
+
+def test_resume_of_a_truncated_config_is_exit_1_naming_it(in_tmp):
+    config = _finished_run(in_tmp) / "config.json"
+    config.write_text(config.read_text()[:100])
+    one_line_error(invoke(["train", "--resume", "r", "--quiet"]), 1, "config.json")
+
+
+def test_resume_of_a_truncated_checkpoint_is_exit_1_naming_it(in_tmp):
+    checkpoint = _finished_run(in_tmp) / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+    one_line_error(invoke(["train", "--resume", "r", "--quiet"]), 1, "checkpoint.pt")
+
+
+@pytest.mark.parametrize("command", ["train", "onepass", "search"])
+@pytest.mark.parametrize("value", [str(10**12), str(10**30)])
+def test_a_huge_thread_count_is_refused_naming_the_option(in_tmp, command, value):
+    one_line_error(invoke([command, "--threads", value]), 2, "--threads")
+
+
+@pytest.mark.parametrize("option", ["--train-size", "--test-size"])
+@pytest.mark.parametrize("value", [str(10**7), str(10**30)])
+def test_an_mnist1d_size_beyond_the_generator_is_refused_at_once(in_tmp, option, value):
+    result = invoke(["train", *SMALL, "--epochs", "1", option, value])
+    one_line_error(result, 2, option)
+
+
+@pytest.mark.parametrize("args", [
+    ["--epochs"], ["--workers"], ["--select-every"], ["--batch-size"],
+    ["--strategy", "gradmatch", "--check-every"], ["--policy", "echo", "--prefetch"],
+])
+def test_an_integer_beyond_64_bits_is_refused_naming_the_option(in_tmp, args):
+    result = invoke(["train", *SMALL, "--epochs", "1", *args, str(10**30)])
+    one_line_error(result, 2, args[-1])
+
+
+def test_onepass_refuses_an_integer_beyond_64_bits(in_tmp):
+    one_line_error(invoke(["onepass", *SMALL, "--replay-steps", str(10**30)]), 2, "--replay-steps")
+
+
+@pytest.mark.parametrize("value", [str(2**32), "-1"])
+def test_an_mnist1d_data_seed_numpy_cannot_take_is_refused_naming_it(in_tmp, value):
+    one_line_error(invoke(["train", *SMALL, "--epochs", "1", "--data-seed", value]), 2,
+                   "--data-seed")
+
+
+def test_a_huge_loss_history_holds_only_what_was_pushed():
+    import torch
+
+    from subsetsel.online.selective_backprop import LossHistory
+
+    losses = torch.arange(5000, dtype=torch.float32)
+    for capacity in (7, 3000, 10**12):
+        history = LossHistory(capacity)
+        for chunk in losses.split(333):
+            history.push(chunk)
+        kept = sorted(history.values().tolist())
+        assert kept == losses[-min(capacity, 5000):].tolist()
+        assert history.buffer.numel() <= max(2 * 5000, 1024)
+
+
+def test_selective_backprop_with_a_huge_history_trains(in_tmp):
+    result = invoke(["train", *SMALL, "--epochs", "1", "--strategy", "full", "--policy", "sb",
+                     "--history", str(10**12), "--out", "sb"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--heartbeat", str(10**12)), ("--workers", str(10**30)), ("--trials", str(10**30)),
+    ("--epochs", str(10**30)), ("--batch-size", str(10**30)),
+])
+def test_search_refuses_huge_integers_naming_the_option(in_tmp, option, value):
+    made = invoke(["train", *SMALL, "--epochs", "1", "--strategy", "random", "--save-selections",
+                   "s", "--out", "s"])
+    assert made.exit_code == 0, made.output
+    result = invoke(["search", "--selections", "s", "--sampler", "random", "--trials", "1",
+                     "--epochs", "1", "--quiet", option, value])
+    one_line_error(result, 2, option)
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "gradmatchpb"])
+def test_more_picks_per_step_than_the_budget_means_the_budget(in_tmp, strategy):
+    result = invoke(["train", *SMALL, "--epochs", "1", "--strategy", strategy,
+                     "--picks-per-step", str(10**12), "--out", "p"])
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_removes_a_killed_writers_temporary_checkpoint(in_tmp):
+    import subprocess
+
+    interrupted(["train", *SMALL, "--epochs", "3", "--strategy", "random", "--out", "r"], 1)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = in_tmp / "r" / f".checkpoint.pt.{dead.pid}.0badc0de.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert invoke(["train", "--resume", "r", "--quiet"]).exit_code == 0
+    assert not stale.exists()
+
+
+def test_search_names_data_workers_when_it_is_huge(in_tmp):
+    result = invoke(["search", "--selections", "s", "--data-workers", str(10**30)])
+    one_line_error(result, 2, "--data-workers")

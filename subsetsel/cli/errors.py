@@ -20,11 +20,12 @@ def one_line_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from subsetsel.data import DataError, DatasetNotFoundError
         from subsetsel.engine.dist import DistributedError
+        from subsetsel.engine.files import RunFileError
         from subsetsel.store import IncompatibleSelectionError, SelectionFileError
 
         try:
             return func(*args, **kwargs)
-        except (DataError, DivergenceError, DistributedError) as err:  # not usage errors
+        except (DataError, DivergenceError, DistributedError, RunFileError) as err:  # not usage
             raise click.ClickException(first_line(err)) from None
         except (UnknownNameError, ValueError) as err:
             raise click.UsageError(first_line(err)) from None

@@ -68,7 +68,7 @@ def onepass(out_dir: str | None, quiet: bool, as_json: bool, nproc: int | None,
         launch("onepass", nproc)
         return
     from subsetsel.engine import dist
-    from subsetsel.engine.files import claim
+    from subsetsel.engine.files import claim, release
     from subsetsel.onepass.stream import run_onepass
     from subsetsel.train import resolve_device
 
@@ -80,7 +80,12 @@ def onepass(out_dir: str | None, quiet: bool, as_json: bool, nproc: int | None,
         out = claim(Path(out_dir)) if out_dir else claim(
             Path("runs") / default_run_name(config), unique=True)
     out = group.broadcast_object(out)
-    summary = run_onepass(config, out, claimed=True, progress=not quiet)
+    try:
+        summary = run_onepass(config, out, claimed=True, progress=not quiet)
+    except BaseException:
+        if out is not None:
+            release(out)  # refused before it started: the folder is free again
+        raise
     dist.shutdown()
     if not group.main:
         return

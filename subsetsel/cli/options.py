@@ -105,9 +105,11 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return value
 
 
+MAX_THREADS = 1024  # more than any CPU has cores; torch overflows past 2**31 - 1
+
 threads_option = click.option(
-    "--threads", type=click.IntRange(min=0), default=1, show_default=True, expose_value=False,
-    callback=_set_threads, is_eager=True,
+    "--threads", type=click.IntRange(min=0, max=MAX_THREADS), default=1, show_default=True,
+    expose_value=False, callback=_set_threads, is_eager=True,
     help="CPU threads for torch (0: torch's default, all cores). One thread is as fast for the "
     "small default models and immune to oversubscription on a shared machine.",
 )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from subsetsel.cli.errors import one_line_errors
-from subsetsel.cli.options import FLOAT, threads_option
+from subsetsel.cli.options import FLOAT, MAX_THREADS, threads_option
 from subsetsel.train import LOADERS, TrainConfig
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ INHERITED = (
 @click.option("--data-root")
 @click.option("--loader", type=click.Choice(LOADERS),
               help="tensor, dataloader or auto (as for `train`).")
-@click.option("--data-workers", "data_workers", type=click.IntRange(min=0),
+@click.option("--data-workers", "data_workers", type=click.IntRange(min=0, max=MAX_THREADS),
               help="DataLoader worker processes of each trial (train's --workers).")
 @click.option("--image-size", type=click.IntRange(min=8), help="folder: datasets.")
 @click.option("--train-size", type=int)

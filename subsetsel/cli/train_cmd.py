@@ -86,7 +86,7 @@ def train(
         launch(ctx.command.name or "train", nproc)
         return
     from subsetsel.engine import dist
-    from subsetsel.engine.files import claim
+    from subsetsel.engine.files import claim, release
     from subsetsel.run import default_run_name, load_run_config, run
     from subsetsel.store import find_existing, resolve_path
     from subsetsel.train import resolve_device
@@ -120,8 +120,13 @@ def train(
                 config.save_selections = str(resolve_path(out.name))
         out, config.save_selections = group.broadcast_object(
             (out if group.main else None, config.save_selections))
-    summary = run(config, out, resume=resume_dir is not None, claimed=resume_dir is None,
-                  progress=not quiet)
+    try:
+        summary = run(config, out, resume=resume_dir is not None, claimed=resume_dir is None,
+                      progress=not quiet)
+    except BaseException:
+        if resume_dir is None and group.main:
+            release(out)  # refused before it started: the folder is free again
+        raise
     group = dist.init(resolve_device(config.device))
     dist.shutdown()
     if not group.main:

@@ -23,6 +23,7 @@ from subsetsel.registry import Registry
 
 DEFAULT_DATASET = "mnist1d"
 MNIST1D_TRAIN, MNIST1D_TEST = 20000, 2000
+MNIST1D_MAX = 1_000_000  # train + test: the generator makes ~1000 examples a second
 _CACHE_FORMAT = 1  # bump when the cached mnist1d arrays change meaning
 
 
@@ -67,6 +68,11 @@ def cache_dir() -> Path:
 def _load_mnist1d(seed: int, train_size: int | None, test_size: int | None) -> Arrays:
     n_train = MNIST1D_TRAIN if train_size is None else train_size
     n_test = MNIST1D_TEST if test_size is None else test_size
+    if not 0 <= seed < 2**32:  # the generator seeds numpy
+        raise ValueError(f"mnist1d: --data-seed must be in [0, 2**32), got {seed}")
+    if n_train + n_test > MNIST1D_MAX:
+        raise ValueError(f"mnist1d: --train-size + --test-size must be at most {MNIST1D_MAX:,} "
+                         f"(it is generated, ~1000 examples a second), got {n_train + n_test:,}")
     arrays = _mnist1d_arrays(n_train, n_test, seed)
     x, x_test = arrays["x"][:, None, :], arrays["x_test"][:, None, :]  # (N, 1, 40)
     return Arrays("mnist1d", x, arrays["y"], x_test, arrays["y_test"], 10, None)
@@ -165,10 +171,10 @@ def load_npz(spec: str, seed: int, train_size: int | None, test_size: int | None
         with np.load(path, allow_pickle=False) as f:
             raw = {k: f[k] for k in (*_NPZ_KEYS, "num_classes") if k in f.files}
     except Exception as err:  # zip, pickle or format errors: one clear line instead
-        raise ValueError(f"{path} is not a readable .npz file ({type(err).__name__})") from None
+        raise DataError(f"{path} is not a readable .npz file ({type(err).__name__})") from None
     missing = [k for k in _NPZ_KEYS if k not in raw]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path} lacks array(s) {', '.join(missing)}; an npz dataset needs "
             f"{', '.join(_NPZ_KEYS)}"
         )
@@ -176,7 +182,7 @@ def load_npz(spec: str, seed: int, train_size: int | None, test_size: int | None
     y = _labels(raw["y"], len(x), f"{path}: y")
     y_test = _labels(raw["y_test"], len(x_test), f"{path}: y_test")
     if x.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"{path}: x is {x.shape[1:]} per example but x_test is {x_test.shape[1:]}")
+        raise DataError(f"{path}: x is {x.shape[1:]} per example but x_test is {x_test.shape[1:]}")
     if "num_classes" in raw:
         num_classes = _whole(raw["num_classes"], f"{path}: num_classes")
     else:
@@ -204,16 +210,16 @@ def _labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     """int64 (n,) class labels; float labels must be whole numbers; all must be >= 0."""
     y = np.asarray(y)
     if y.size != n:
-        raise ValueError(f"{where}: {n} inputs but {y.size} labels")
+        raise DataError(f"{where}: {n} inputs but {y.size} labels")
     y = y.reshape(-1)
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-        raise ValueError(f"{where}: labels must be integers, got dtype {y.dtype}")
+        raise DataError(f"{where}: labels must be integers, got dtype {y.dtype}")
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.equal(np.mod(y, 1), 0)):
-        raise ValueError(f"{where}: labels must be whole numbers")
+        raise DataError(f"{where}: labels must be whole numbers")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
         i = int(np.argmin(y))
-        raise ValueError(f"{where}: labels must be >= 0, got {y[i]} at example {i}")
+        raise DataError(f"{where}: labels must be >= 0, got {y[i]} at example {i}")
     return y
 
 
@@ -221,13 +227,13 @@ def _npz_inputs(x: np.ndarray, key: str) -> np.ndarray:
     """(N, D) or (N, C, H, W) inputs, uint8 kept (scaled later), others as float32;
     channels-last (N, H, W, C<=4) is moved to channels-first."""
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise ValueError(f"npz array {key} must be numeric, got dtype {x.dtype}")
+        raise DataError(f"npz array {key} must be numeric, got dtype {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[1] > 4 and x.shape[3] <= 4:
         x = x.transpose(0, 3, 1, 2)
     elif x.ndim not in (2, 4):
-        raise ValueError(
+        raise DataError(
             f"npz array {key} must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}"
         )
     if x.dtype != np.uint8:

@@ -7,6 +7,7 @@ claimed by creating config.json exclusively.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,10 +17,15 @@ from typing import Any
 import torch
 
 from subsetsel.atomic import atomic_open, atomic_write_text
+from subsetsel.errors import first_line
 
 
 class RunDirError(ValueError):
     """A run folder cannot be used for this run (another run holds it): one line."""
+
+
+class RunFileError(RuntimeError):
+    """A file of a run folder (config, checkpoint) is unreadable or corrupt: one line, exit 1."""
 
 
 def claim(out_dir: Path, *, unique: bool = False) -> Path:
@@ -44,6 +50,18 @@ def claim(out_dir: Path, *, unique: bool = False) -> Path:
                 ) from None
             suffix += 1
             candidate = out_dir.with_name(f"{out_dir.name}-{suffix}")
+
+
+def release(folder: Path) -> None:
+    """Undo `claim` for a run that stopped before it wrote anything: remove the placeholder
+    config.json (still `{}`) and then the folder if it is empty. A folder holding a run (a real
+    config) is left alone."""
+    placeholder = folder / "config.json"
+    with contextlib.suppress(OSError):
+        if placeholder.read_text().strip() != "{}" or (folder / "log.jsonl").exists():
+            return
+        placeholder.unlink()
+        folder.rmdir()  # only when empty
 
 
 def strict(value: Any) -> Any:
@@ -86,7 +104,7 @@ class RunFiles:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise RunDirError(f"{path} is not valid JSON ({err})") from None
+            raise RunFileError(f"{path} is not valid JSON ({err})") from None
 
     def append_log(self, record: dict[str, Any]) -> None:
         with open(self.log_path, "a") as log:
@@ -102,9 +120,19 @@ class RunFiles:
             torch.save(state, f)
 
     def load_checkpoint(self, device: torch.device) -> dict[str, Any] | None:
+        from subsetsel.store import remove_stale_temps
+
+        for name in ("config.json", "log.jsonl", "checkpoint.pt", "summary.json"):
+            remove_stale_temps(self.dir / name)  # left by a writer killed mid-write
         if not self.checkpoint_path.exists():
             return None
-        return torch.load(self.checkpoint_path, map_location=device, weights_only=False)
+        try:
+            return torch.load(self.checkpoint_path, map_location=device, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - truncated or foreign: torch raises many kinds
+            raise RunFileError(
+                f"{self.checkpoint_path} does not load ({first_line(err)}); it is truncated or "
+                "not a subsetsel checkpoint"
+            ) from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.dir / "summary.json", dumps(summary, indent=2))

@@ -66,18 +66,31 @@ def selection_probabilities(
 
 
 class LossHistory:
-    """The `capacity` most recent losses (a ring buffer on one device)."""
+    """The `capacity` most recent losses (a ring buffer on one device). The buffer grows with the
+    losses pushed, up to `capacity`, so a huge capacity costs only the memory of what is held."""
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu") -> None:
         if capacity < 1:
             raise ValueError(f"history must be >= 1, got {capacity}")
-        self.buffer = torch.zeros(capacity, device=device)
+        self.capacity = capacity
+        self.buffer = torch.zeros(min(capacity, 1024), device=device)
         self.size = 0
         self.next = 0  # position the next loss is written to
+
+    def _reserve(self, count: int) -> None:
+        """Grow the buffer to hold `count` losses (at most `capacity`). It grows only before it
+        first fills, so the losses held are buffer[:size], in order."""
+        length = self.buffer.numel()
+        if length >= min(count, self.capacity):
+            return
+        grown = torch.zeros(min(self.capacity, max(count, 2 * length)), device=self.buffer.device)
+        grown[: self.size] = self.buffer[: self.size]
+        self.buffer = grown
 
     def push(self, losses: torch.Tensor) -> None:
         """Append losses (B,) in order; the oldest ones fall out."""
         losses = losses.detach().reshape(-1).to(self.buffer)
+        self._reserve(self.size + losses.numel())
         capacity = self.buffer.numel()
         if losses.numel() >= capacity:
             self.buffer.copy_(losses[-capacity:])

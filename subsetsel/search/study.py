@@ -30,6 +30,10 @@ class SearchError(Exception):
     """The search cannot run: storage, study, reference or worker problems (one line)."""
 
 
+MAX_WORKERS = 1024  # worker processes on one machine
+MAX_HEARTBEAT = 3600  # seconds; a trial is stale after 4 missed beats
+
+
 @dataclass
 class SearchSettings:
     """Everything a worker needs (picklable: workers are spawned processes)."""
@@ -59,12 +63,14 @@ class SearchSettings:
             raise SearchSpaceError(f"unknown pruner {self.pruner!r}; valid: {', '.join(PRUNERS)}")
         if not self.space:
             raise SearchSpaceError("empty search space")
-        if self.n_trials < 1:
-            raise SearchSpaceError(f"--trials must be >= 1, got {self.n_trials}")
-        if self.workers < 1:
-            raise SearchSpaceError(f"--workers must be >= 1, got {self.workers}")
-        if self.heartbeat < 1:
-            raise SearchSpaceError(f"--heartbeat must be >= 1 second, got {self.heartbeat}")
+        if not 1 <= self.n_trials < 2**63:
+            raise SearchSpaceError(f"--trials must be >= 1 and fit in 64 bits, got {self.n_trials}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise SearchSpaceError(f"--workers must be >= 1 and at most {MAX_WORKERS}, got "
+                                   f"{self.workers}")
+        if not 1 <= self.heartbeat <= MAX_HEARTBEAT:
+            raise SearchSpaceError(f"--heartbeat must be >= 1 second and at most {MAX_HEARTBEAT}, "
+                                   f"got {self.heartbeat}")
         if self.threads < 0:
             raise SearchSpaceError(f"--threads must be >= 0, got {self.threads}")
         if self.sampler == "grid":

@@ -254,8 +254,11 @@ class _GradMatchBase(Strategy):
         return False
 
     def _picks(self, budget: int) -> int:
-        """Atoms per OMP step for the largest budget of a round."""
-        return self.picks_per_step or auto_picks_per_step(budget)
+        """Atoms per OMP step for the largest budget of a round (never more than the budget: a
+        step adds at most that many, and the memory estimate grows with the picks)."""
+        if self.picks_per_step is not None:
+            return min(self.picks_per_step, max(1, budget))
+        return auto_picks_per_step(budget)
 
     def _random(self, ctx: SelectionContext, cand: torch.Tensor, k: int) -> Selection:
         """The random first round, drawn from the candidates (never the validation split)."""
