@@ -134,8 +134,7 @@ class SubsetLoader:
             given = {"select_every": select_every, "fraction": fraction,
                      "warm_start": warm_start}
             name_of = strategy if isinstance(strategy, str) else strategy.name
-            fixed = fixed_settings(name_of, given, {"select_every": 5, "fraction": 0.1,
-                                                    "warm_start": 0.0})
+            fixed = fixed_settings(name_of, given, SubsetLoader.__init__.__kwdefaults__)
             select_every, fraction, warm_start = (fixed["select_every"], fixed["fraction"],
                                                   fixed["warm_start"])
             if isinstance(strategy, str):

@@ -12,7 +12,7 @@ from subsetsel.cli.launch import launch
 from subsetsel.cli.options import FLOAT, data_options, optimization_options, threads_option
 from subsetsel.cli.params import options_for, refuse_inapplicable, take
 from subsetsel.online.base import POLICIES
-from subsetsel.selection.base import STRATEGIES
+from subsetsel.selection.base import STRATEGIES, fixed_settings
 from subsetsel.train import TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -166,15 +166,14 @@ def _config(options: dict[str, object], ctx: click.Context) -> TrainConfig:
     if strategy in STRATEGIES:
         cls = STRATEGIES.get(strategy)
         refuse_inapplicable(strategy_params, cls, f"--strategy {strategy}")
-        if options.get("replay") is None:
-            for name, value in cls.fixed.items():  # settings the strategy decides itself
-                explicit = (ctx.get_parameter_source(name)
-                            is not click.core.ParameterSource.DEFAULT)
-                if explicit and options[name] != value:
-                    raise click.UsageError(
-                        f"--{name.replace('_', '-')} {options[name]} does not apply to "
-                        f"--strategy {strategy}: {cls.fixed_reason}")
-                options[name] = value
+        if options.get("replay") is None:  # settings the strategy decides itself
+            given = {name: options[name] for name in cls.fixed}
+            unset = {name: value for name, value in given.items()  # an explicit value is asked
+                     if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
+            try:
+                options.update(fixed_settings(strategy, given, unset))
+            except ValueError as err:
+                raise click.UsageError(str(err)) from None
     if policy in POLICIES:
         refuse_inapplicable(policy_params, POLICIES.get(policy), f"--policy {policy}")
     return TrainConfig(**options, strategy_params=strategy_params,  # type: ignore[arg-type]

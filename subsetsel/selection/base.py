@@ -155,8 +155,8 @@ def fixed_settings(strategy: str, given: dict[str, Any],
                    defaults: dict[str, Any]) -> dict[str, Any]:
     """The schedule settings (`select_every`, `fraction`, `warm_start`, ...) to run `strategy`
     with: `given` with the strategy's fixed ones (`Strategy.fixed`) put in. A given value that
-    is neither the fixed one nor the caller's default (i.e. was asked for) is a one-line
-    ValueError naming the option."""
+    is neither the fixed one nor its entry in `defaults` (a setting missing there counts as
+    asked for) is a one-line ValueError naming the option."""
     cls = STRATEGIES.get(strategy) if strategy in STRATEGIES else None
     if cls is None or not cls.fixed:
         return dict(given)

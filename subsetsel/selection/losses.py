@@ -63,10 +63,6 @@ class LossRecord:
         self.values = torch.where(got, both[0] / both[1].clamp_min(1.0), self.values)
         mine.zero_()
 
-    def seen(self) -> torch.Tensor:
-        """bool (N,): examples with a recorded loss."""
-        return ~torch.isnan(self.values)
-
     def state_dict(self) -> dict[str, Any]:
         return {"values": self.values.detach().cpu().clone()}
 
