@@ -22,6 +22,7 @@ squares on all chosen atoms from scratch (scipy.optimize.nnls on [A_S^T; sqrt(la
 
     python scripts/bench_omp.py --threads 1 --repeats 3 --gradmatch-job
     python scripts/bench_omp.py --sizes 5000x500x500 --reference 5000x500x500 --modes 1,default
+    python scripts/bench_omp.py --gradmatch-job --reference all,job    # every problem, slow
     python scripts/bench_omp.py --device cuda --sizes 50000x5130x5000 --modes 1,default
 """
 
@@ -42,7 +43,7 @@ import torch
 from scipy.optimize import nnls
 
 from subsetsel.selection import gradmatch
-from subsetsel.selection.gradmatch import OMP_POOL, OMP_ROUNDS, auto_picks_per_step
+from subsetsel.selection.gradmatch import OMP_POOL, OMP_ROUNDS, OMP_TAPER, auto_picks_per_step
 from subsetsel.selection.omp import DenseAtoms, nonneg_omp
 
 Problem = tuple[str, Callable[[], Any], torch.Tensor, float]  # name, atoms factory, budgets, lam
@@ -72,7 +73,8 @@ def mode_kwargs(mode: str, k: int) -> dict[str, Any]:
     if mode == "1":
         return {"picks_per_step": 1}
     if mode == "default":
-        return {"picks_per_step": auto_picks_per_step(k), "pool": OMP_POOL, "rounds": OMP_ROUNDS}
+        return {"picks_per_step": auto_picks_per_step(k), "pool": OMP_POOL, "rounds": OMP_ROUNDS,
+                "taper": OMP_TAPER}
     if mode == "top32":
         return {"picks_per_step": max(1, math.ceil(k / 32))}
     parts = mode.split(":")
@@ -120,10 +122,27 @@ def reference(a: torch.Tensor, b: torch.Tensor, k: int, lam: float):
     return time.perf_counter() - start, torch.tensor(chosen), torch.from_numpy(w)
 
 
+def reference_job(atoms: Any, budgets: torch.Tensor, lam: float) -> tuple[float, float]:
+    """The reference on each class of a recorded Grad-Match round, one after another, on the
+    dense gradient rows rebuilt from the factors: (total seconds, mean relative residual)."""
+    c, ft = atoms.c, atoms._ft
+    seconds, residuals = 0.0, []
+    for p in range(atoms.batch):
+        n = int(atoms.counts[p])
+        delta, emb = ft[p, :c, :n].T, ft[p, c:, :n].T
+        rows = (delta.unsqueeze(2) * emb.unsqueeze(1)).flatten(1)
+        if atoms.bias:
+            rows = torch.cat([delta, rows], 1)
+        spent, idx, w = reference(rows, atoms.target[p], int(budgets[p]), lam)
+        seconds += spent
+        residuals.append(relative_residual(rows, atoms.target[p], idx, w))
+    return seconds, sum(residuals) / len(residuals)
+
+
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
-    if text.strip().lower() in ("", "none"):
-        return []
-    return [tuple(int(v) for v in part.split("x")) for part in text.split(",")]  # type: ignore
+    words = ("", "none", "job", "all")
+    parts = [part for part in text.split(",") if part.strip().lower() not in words]
+    return [tuple(int(v) for v in part.split("x")) for part in parts]  # type: ignore
 
 
 def gradmatch_job_problems(device: torch.device) -> list[Problem]:
@@ -153,7 +172,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="5000x500x500,5000x1000x500,20000x1000x1000",
                         help="comma-separated NxDxK random problems ('none': no random ones)")
     parser.add_argument("--reference", default="none",
-                        help="sizes (subset of --sizes, or 'none') also run with the reference")
+                        help="also run with the reference: sizes (of --sizes), 'all' (every size), "
+                        "'job' (the --gradmatch-job rounds, class by class), or 'none'")
     parser.add_argument("--gradmatch-job", action="store_true",
                         help="add the per-class problems of the default training job's rounds")
     parser.add_argument("--lam", type=float, default=0.0, help="ridge weight of random problems")
@@ -175,7 +195,9 @@ def main() -> None:
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     problems: list[Problem] = []
-    ref_sizes = set(parse_sizes(args.reference))
+    ref_words = args.reference.lower().split(",")
+    ref_sizes = set(parse_sizes(args.sizes if "all" in ref_words else args.reference))
+    ref_job = "job" in ref_words
     dense = {}
     for n, d, k in parse_sizes(args.sizes):
         a, b = make_problem(n, d, args.seed, device)
@@ -208,10 +230,18 @@ def main() -> None:
         if name in dense and tuple(int(v) for v in name.split("x")) in ref_sizes:
             a, b, k = dense[name]
             seconds, idx, w = reference(a, b, k, args.lam)
-            faster = ", ".join(f"{mode} {seconds / median[mode]:.0f}x" for mode in modes)
-            print(f"{name:>38} {'ref':>8} {1:>5} {len(idx):>5} | {seconds:>8.2f} "
-                  f"{relative_residual(a, b, idx, w):>9.5f} | ours faster than ref: {faster}",
-                  flush=True)
+            ref_residual, steps = relative_residual(a, b, idx, w), len(idx)
+        elif name not in dense and ref_job:
+            seconds, ref_residual = reference_job(problem[1](), budgets, problem[3])
+            steps = k
+        else:
+            continue
+        faster = ", ".join(f"{mode} {seconds / median[mode]:.1f}x" for mode in modes)
+        versus = ", ".join(f"{mode} {residual[mode] / ref_residual:.3f}" for mode in modes
+                           if ref_residual > 1e-6)
+        print(f"{name:>38} {'ref':>8} {1:>5} {steps:>5} | {seconds:>8.2f} {ref_residual:>9.5f} | "
+              f"faster than ref: {faster}" + (f"; residual / ref: {versus}" if versus else ""),
+              flush=True)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -570,3 +570,63 @@ def test_pool_on_factored_gradient_atoms_is_exact():
         expected = _scipy_weights(rows[p], target[p], support, 0.5)
         got = factored.weights[p][factored.slots[p] >= 0].numpy()
         np.testing.assert_allclose(got, expected, atol=1e-6 * expected.max(), rtol=1e-6)
+
+
+# --- tapered blocks (the Grad-Match default) -----------------------------------------------------
+
+TAPERED = {**POOLED, "taper": 0.25}
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+@pytest.mark.parametrize("seed,shift,target", [(4, 0.0, "random"), (5, 0.3, "sum")])
+def test_tapered_blocks_shrink_to_single_picks_and_stay_exact(lam, seed, shift, target):
+    """With taper 1/4 a step adds min(picks, ceil((k - t) / 4)) atoms: full blocks first, then
+    fewer, single atoms at the end; the weights are still nnls's on the support, the budget
+    holds."""
+    a, b = _problem(seed, n=300, d=60, shift=shift, target=target)
+    k = 40
+    result = nonneg_omp(DenseAtoms(a, b), k, lam=lam, picks_per_step=5, **TAPERED)
+    plain = nonneg_omp(DenseAtoms(a, b), k, lam=lam, picks_per_step=5, **POOLED)
+    assert result.objective.shape[1] > plain.objective.shape[1]  # more, smaller steps
+    widths, t = [], 0
+    while t < k:
+        widths.append(min(5, max(1, math.ceil(0.25 * (k - t)))))
+        t += widths[-1]
+    assert widths[:5] == [5, 5, 5, 5, 5] and widths[-2:] == [1, 1]
+    support = _support(result)
+    assert len(set(support.tolist())) == len(support) and _positive(result) == k
+    expected = _scipy_weights(a, b, support, lam)
+    got = result.weights[0][result.slots[0] >= 0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6 * max(1.0, expected.max()), rtol=1e-6)
+
+
+def test_taper_from_makes_parts_of_a_round_equal_the_whole():
+    """Problems solved in parts follow the whole round's step widths when given its largest
+    budget (`taper_from`), as the Grad-Match groups and class owners do."""
+    sizes, budgets, d = [90, 150, 60], [12, 30, 7], 24
+    gen = torch.Generator().manual_seed(19)
+    mats = [torch.randn(n, d, generator=gen) + 0.2 for n in sizes]
+    padded = torch.zeros(3, max(sizes), d)
+    for i, m in enumerate(mats):
+        padded[i, : len(m)] = m
+    targets = torch.stack([m.sum(0) for m in mats])
+    whole = nonneg_omp(DenseAtoms(padded, targets, torch.tensor(sizes)), torch.tensor(budgets),
+                       lam=0.5, picks_per_step=3, **TAPERED)
+    for i, (m, k) in enumerate(zip(mats, budgets, strict=True)):
+        alone = nonneg_omp(DenseAtoms(m, targets[i]), k, lam=0.5, picks_per_step=3, **TAPERED,
+                           taper_from=30)
+        assert torch.equal(_support(whole, i), _support(alone))
+        torch.testing.assert_close(whole.weights[i][whole.slots[i] >= 0],
+                                   alone.weights[0][alone.slots[0] >= 0], rtol=1e-6, atol=1e-9)
+    # alone without taper_from, problem 0 (budget 12) tapers from 12: widths 3, 3, 2, 1, 1, ...
+    own = nonneg_omp(DenseAtoms(mats[0], targets[0]), 12, lam=0.5, picks_per_step=3, **TAPERED)
+    part = nonneg_omp(DenseAtoms(mats[0], targets[0]), 12, lam=0.5, picks_per_step=3, **TAPERED,
+                      taper_from=30)
+    assert own.objective.shape[1] > part.objective.shape[1]
+
+
+@pytest.mark.parametrize("taper", [-0.1, 1.5, math.nan])
+def test_taper_is_checked(taper):
+    a, b = _problem(10, target="sum")
+    with pytest.raises(ValueError, match="taper"):
+        nonneg_omp(DenseAtoms(a, b), 5, picks_per_step=2, taper=taper)

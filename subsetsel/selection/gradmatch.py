@@ -51,6 +51,7 @@ from subsetsel.selection.omp import DenseAtoms, capacity, complete_to_budget, no
 OMP_STEPS = 16  # default number of OMP steps: each adds up to ceil(budget / OMP_STEPS) atoms
 OMP_POOL = 5.0  # ... pruned from a pool of OMP_POOL times as many top-correlated atoms
 OMP_ROUNDS = 8  # ... in this many rounds of backward elimination (see omp._pool_picks)
+OMP_TAPER = 0.25  # ... and at most ceil(OMP_TAPER * (budget - slots used)) atoms per step
 
 
 def auto_picks_per_step(budget: int) -> int:
@@ -235,7 +236,8 @@ class _GradMatchBase(Strategy):
         pool = OMP_POOL if picks > 1 else 1.0
         result = nonneg_omp(atoms, budgets, lam=self.lam, eps=self.eps,
                             check_every=self.check_every, picks_per_step=picks, pool=pool,
-                            rounds=OMP_ROUNDS)
+                            rounds=OMP_ROUNDS, taper=OMP_TAPER if picks > 1 else 0.0,
+                            taper_from=max_budget)
         pos, weights, filled = complete_to_budget(result, budgets, atoms.counts)
         self.last_info = {
             "omp_seconds": time.perf_counter() - start,
@@ -243,6 +245,7 @@ class _GradMatchBase(Strategy):
             "picks_per_step": picks,
             "omp_pool": pool,
             "omp_rounds": OMP_ROUNDS if pool > 1 else 0,
+            "omp_taper": OMP_TAPER if picks > 1 else 0.0,
             "omp_steps": int(result.objective.shape[1]) - 1,
             "residual": result.residual.cpu().tolist(),
             "filled": int(filled.sum()),

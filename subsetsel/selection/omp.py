@@ -15,8 +15,11 @@ block: the m atoms most correlated with r often explain the same direction, and 
 4 % to 2x above one pick per step. With `pool` p > 1 (the Grad-Match default) a step instead
 takes the ceil(p m) unchosen atoms of largest correlation and prunes them to m by backward
 elimination of their joint least-squares fit to r, projected orthogonally to the current
-support (see `_pool_picks`); ~16 such steps end, on average, at or below the residual of one
-pick per step (docs/gradmatch.md).
+support (see `_pool_picks`). With `taper` the blocks shrink as the budget fills, down to
+single picks at the end (the last atoms are chosen against a residual that is almost final, where
+a block errs most). The Grad-Match default, blocks of ceil(k/16) pruned from a pool of 5x and
+tapered by 1/4, ends within 5 % of the residual of one pick per step on every problem of
+`scripts/bench_omp.py` (docs/gradmatch.md).
 
 The solve is a Lawson-Hanson active-set method restricted to S and warm-started from the previous
 solution. It keeps, for the passive set P (the atoms of S with w > 0), the inverse of the ridge
@@ -515,6 +518,8 @@ def nonneg_omp(
     picks_per_step: int = 1,
     pool: float = 1.0,
     rounds: int = 8,
+    taper: float = 0.0,
+    taper_from: int | None = None,
 ) -> OMPResult:
     """Solve B non-negative ridge OMP problems together (see the module docstring).
 
@@ -528,6 +533,12 @@ def nonneg_omp(
     pool: with picks_per_step m > 1, each step's m atoms are pruned from the ceil(pool * m)
       unchosen atoms of largest correlation (>= 1; 1: the top m themselves; see `_pool_picks`).
     rounds: backward-elimination rounds of that pruning (>= 1).
+    taper: 0 <= taper <= 1; with taper > 0 a step adds at most ceil(taper * (K - t)) atoms (at
+      least 1), t the slots used: full blocks early, fewer atoms per step as the budget fills,
+      single picks at the end (0: blocks of picks_per_step throughout).
+    taper_from: K (default: the largest of budgets). When one round's problems are solved in
+      parts (groups, ranks), give every part the round's largest budget, as for picks_per_step,
+      so that each part takes the steps it would take in one batch.
     """
     if lam < 0 or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
@@ -541,14 +552,17 @@ def nonneg_omp(
         raise ValueError(f"pool must be a finite number >= 1, got {pool}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not 0.0 <= taper <= 1.0:
+        raise ValueError(f"taper must be a number in [0, 1], got {taper}")
     with _cpu_threads(atoms.device), torch.no_grad():
         return _nonneg_omp(atoms, budgets, lam, eps, tol, check_every, picks_per_step, pool,
-                           rounds)
+                           rounds, taper, taper_from)
 
 
 def _nonneg_omp(
     atoms: Atoms, budgets: torch.Tensor | int, lam: float, eps: float, tol: float,
-    check_every: int, picks_per_step: int, pool: float, rounds: int,
+    check_every: int, picks_per_step: int, pool: float, rounds: int, taper: float,
+    taper_from: int | None,
 ) -> OMPResult:
     device, nb, n = atoms.device, atoms.batch, atoms.size
     counts = atoms.counts.to(device)
@@ -558,6 +572,7 @@ def _nonneg_omp(
     cap = min(n, capacity(k, picks_per_step))
     rows = torch.arange(nb, device=device)
     size = min(n, math.ceil(pool * picks_per_step)) if picks_per_step > 1 else 1
+    span = k if taper_from is None else taper_from
     atoms.start(max(cap, 1) + size)
     state = _NNLS(nb, max(cap, 1), device)
     bb = atoms.target_sq_norm().to(torch.float64)
@@ -582,9 +597,12 @@ def _nonneg_omp(
         objective[:, step] = torch.where(active, f, math.nan)
         room = budgets - (state.passive[:, :t] & (w > 0)).sum(1)
         m = min(picks_per_step, cap - t)
+        if taper > 0:  # blocks shrink as the budget fills: the last picks are single atoms
+            m = min(m, max(1, math.ceil(taper * (span - t))))
         go = active & (rsq > eps * eps * bb)
-        if m > 1 and size > m:
-            take, j = _pool_picks(atoms, state, corr, t, m, size, room, thr * rsq.sqrt(), go,
+        msize = min(n, math.ceil(pool * m))
+        if m > 1 and msize > m:
+            take, j = _pool_picks(atoms, state, corr, t, m, msize, room, thr * rsq.sqrt(), go,
                                   lam, rounds)
         else:
             best, j = corr.max(1, keepdim=True) if m == 1 else corr.topk(m, 1)
