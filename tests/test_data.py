@@ -63,8 +63,10 @@ def test_unknown_name_lists_valid_names() -> None:
 
 
 def test_sizes_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="train_size"):
+    with pytest.raises(ValueError, match="--train-size must be at least 1"):
         load_dataset("digits", train_size=0)
+    with pytest.raises(ValueError, match="--test-size 99999 exceeds the"):
+        load_dataset("digits", test_size=99_999)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -291,6 +291,16 @@ def test_a_run_refused_before_it_starts_leaves_no_claimed_folder(in_tmp, args):
         assert again.exit_code == 0, again.output
 
 
+@pytest.mark.parametrize("command", ["train", "onepass"])
+def test_a_refused_run_keeps_the_empty_out_folder_the_user_made(in_tmp, command):
+    (in_tmp / "mine").mkdir()
+    result = invoke([command, *SMALL, "--dataset", "npz:none.npz", "--out", "mine"])
+    one_line_error(result, 1, "npz file not found")
+    assert (in_tmp / "mine").is_dir() and not any((in_tmp / "mine").iterdir())
+    result = invoke([command, *SMALL, "--dataset", "npz:none.npz", "--out", "made"])
+    assert result.exit_code == 1 and not (in_tmp / "made").exists()
+
+
 def test_a_refused_save_path_leaves_no_claimed_folder(in_tmp):
     base = ["train", *SMALL, "--epochs", "1", "--strategy", "random", "--save-selections", "s"]
     assert invoke([*base, "--out", "a"]).exit_code == 0

@@ -59,7 +59,7 @@ def load_dataset(
         raise ValueError(f"unknown --loader {loader!r}; valid: {', '.join(LOADERS)}")
     if workers is not None and workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
-    for size, what in ((train_size, "train_size"), (test_size, "test_size")):
+    for size, what in ((train_size, "--train-size"), (test_size, "--test-size")):
         if size is not None and size < 1:
             raise ValueError(f"{what} must be at least 1, got {size}")
     if spec.startswith("folder:"):

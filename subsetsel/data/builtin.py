@@ -147,8 +147,8 @@ def _load_digits(seed: int, train_size: int | None, test_size: int | None, root:
     x = (bunch.images.astype(np.float32) / 16.0)[:, None]
     y = bunch.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
-    x_tr, y_tr = subsample(x_tr, y_tr, train_size, seed, 1, "train_size")
-    x_te, y_te = subsample(x_te, y_te, test_size, seed, 2, "test_size")
+    x_tr, y_tr = subsample(x_tr, y_tr, train_size, seed, 1, "--train-size")
+    x_te, y_te = subsample(x_te, y_te, test_size, seed, 2, "--test-size")
     return Arrays("digits", x_tr, y_tr, x_te, y_te, 10, None)
 
 
@@ -191,8 +191,8 @@ def load_npz(spec: str, seed: int, train_size: int | None, test_size: int | None
             raise DataError(f"{path}: the largest label is {num_classes - 1}, more classes than "
                             f"the {len(y) + len(y_test)} examples; labels must be 0..C-1 (or "
                             "store a num_classes array)")
-    x, y = subsample(x, y, train_size, seed, 1, "train_size")
-    x_test, y_test = subsample(x_test, y_test, test_size, seed, 2, "test_size")
+    x, y = subsample(x, y, train_size, seed, 1, "--train-size")
+    x_test, y_test = subsample(x_test, y_test, test_size, seed, 2, "--test-size")
     return Arrays(spec, x, y, x_test, y_test, num_classes, None)
 
 
@@ -281,8 +281,8 @@ def load_torchvision(name: str, root: str, seed: int, train_size: int | None,
     spec = _TORCHVISION[name]
     x, y = _torchvision_arrays(name, root, train=True)
     x_test, y_test = _torchvision_arrays(name, root, train=False)
-    x, y = subsample(x, y, train_size, seed, 1, "train_size")
-    x_test, y_test = subsample(x_test, y_test, test_size, seed, 2, "test_size")
+    x, y = subsample(x, y, train_size, seed, 1, "--train-size")
+    x_test, y_test = subsample(x_test, y_test, test_size, seed, 2, "--test-size")
     return Arrays(name, x, y, x_test, y_test, spec.num_classes, spec.augmentation)
 
 

@@ -47,8 +47,8 @@ def load_folder(spec: str, *, seed: int = 0, train_size: int | None = None,
     test = _image_folder(test_dir, train.class_to_idx)
     if len(test) == 0:
         raise DataError(f"{test_dir} holds no images: no test accuracy could be measured")
-    keep = subsample_rows(len(train), train_size, seed, 1, "train_size")
-    keep_test = subsample_rows(len(test), test_size, seed, 2, "test_size")
+    keep = subsample_rows(len(train), train_size, seed, 1, "--train-size")
+    keep_test = subsample_rows(len(test), test_size, seed, 2, "--test-size")
     train_data: Any = train if keep is None else torch.utils.data.Subset(train, keep.tolist())
     test_data: Any = test if keep_test is None else torch.utils.data.Subset(test,
                                                                             keep_test.tolist())

@@ -28,16 +28,21 @@ class RunFileError(RuntimeError):
     """A file of a run folder (config, checkpoint) is unreadable or corrupt: one line, exit 1."""
 
 
+PLACEHOLDER = "{}\n"  # config.json of a claimed folder that claim found in place
+PLACEHOLDER_MADE = "{}\n\n"  # ... and of one that claim created (release may remove it)
+
+
 def claim(out_dir: Path, *, unique: bool = False) -> Path:
     """Claim `out_dir` for a new run by creating its config.json exclusively (atomic, so two
     runs started at once never share a folder). unique: on conflict try `out_dir-1`,
     `out_dir-2`, ... instead of refusing. Returns the claimed folder."""
     candidate, suffix = out_dir, 0
     while True:
+        made = not candidate.exists()
         candidate.mkdir(parents=True, exist_ok=True)
         try:
             with open(candidate / "config.json", "x") as f:
-                f.write("{}\n")
+                f.write(PLACEHOLDER_MADE if made else PLACEHOLDER)
             if (candidate / "log.jsonl").exists():  # an older run without config.json
                 (candidate / "config.json").unlink()
                 raise FileExistsError
@@ -54,14 +59,16 @@ def claim(out_dir: Path, *, unique: bool = False) -> Path:
 
 def release(folder: Path) -> None:
     """Undo `claim` for a run that stopped before it wrote anything: remove the placeholder
-    config.json (still `{}`) and then the folder if it is empty. A folder holding a run (a real
-    config) is left alone."""
+    config.json, and the folder if `claim` created it and it is empty again (a folder the user
+    made stays). A folder holding a run (a real config) is left alone."""
     placeholder = folder / "config.json"
     with contextlib.suppress(OSError):
-        if placeholder.read_text().strip() != "{}" or (folder / "log.jsonl").exists():
+        text = placeholder.read_text()
+        if text not in (PLACEHOLDER, PLACEHOLDER_MADE) or (folder / "log.jsonl").exists():
             return
         placeholder.unlink()
-        folder.rmdir()  # only when empty
+        if text == PLACEHOLDER_MADE:
+            folder.rmdir()  # only when empty
 
 
 def strict(value: Any) -> Any:
