@@ -79,26 +79,21 @@ class Dist:
         _guard(torch_dist.broadcast_object_list, box, src=src)
         return box[0]
 
-    def gather_rows(self, rows: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    def gather_rows(self, rows: list[torch.Tensor], dim: int) -> torch.Tensor:
         """Rank r sends rows[o] (m_o x dim float32) to rank o, for every o; returns on every rank
         the rows sent to it by all ranks, concatenated in rank order (a personalised exchange:
-        one `gather` per owner, which gloo and NCCL both support; payloads are padded to the
-        largest of each gather)."""
-        received = None
-        for owner in range(self.world):
-            mine = rows[owner].to(self.device, torch.float32)
-            count = torch.tensor([mine.shape[0]], device=self.device)
-            counts = [torch.zeros_like(count) for _ in range(self.world)]
-            _guard(torch_dist.all_gather, counts, count)
-            top = max(int(c) for c in counts)
-            padded = torch.zeros(top, dim, device=self.device)
-            padded[: mine.shape[0]] = mine
-            self.sent_bytes += mine.numel() * 4
-            bins = ([torch.zeros(top, dim, device=self.device) for _ in range(self.world)]
-                    if self.rank == owner else None)
-            _guard(torch_dist.gather, padded, bins, dst=owner)
-            if bins is not None:
-                received = torch.cat([b[: int(c)] for b, c in zip(bins, counts, strict=True)])
+        an `all_gather` of the row counts, then one `all_to_all_single` with uneven splits, which
+        gloo and NCCL both support; every link carries its share at once, nothing is padded)."""
+        sends = [r.to(self.device, torch.float32).reshape(-1, dim) for r in rows]
+        counts = torch.tensor([s.shape[0] for s in sends], device=self.device)
+        table = [torch.zeros_like(counts) for _ in range(self.world)]
+        _guard(torch_dist.all_gather, table, counts)  # table[r][o]: rows rank r sends to o
+        into = [int(t[self.rank]) for t in table]
+        received = torch.empty(sum(into), dim, device=self.device)
+        payload = torch.cat(sends)
+        self.sent_bytes += payload.numel() * 4
+        _guard(torch_dist.all_to_all_single, received, payload, into,
+               [int(c) for c in counts])
         return received
 
     def barrier(self) -> None:

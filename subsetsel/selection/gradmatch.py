@@ -406,7 +406,6 @@ def exchange_by_class(factors: LastLayerFactors, y: torch.Tensor, rows_at: torch
     sources = [torch.arange(r, n, dist.world, device=y.device) for r in range(dist.world)]
     positions = torch.cat([p[owner[y[p]] == dist.rank] for p in sources])
     order = positions.argsort()
-    assert received is not None
     received = received[order.to(received.device)]
     return (LastLayerFactors(received[:, :c].contiguous(), received[:, c:].contiguous(),
                              factors.bias), positions[order])
