@@ -57,11 +57,12 @@ OMP_TAPER = 0.25  # ... and at most ceil(OMP_TAPER * (budget - slots used)) atom
 def auto_picks_per_step(budget: int) -> int:
     """Atoms added per OMP step by default: ceil(budget / OMP_STEPS), at least 1.
 
-    Each step's atoms are pruned from a pool of OMP_POOL times as many (`nonneg_omp(...,
-    pool=OMP_POOL, rounds=OMP_ROUNDS)`). Measured (docs/gradmatch.md): ~16 steps reach the
-    relative residual of one pick per step (mean over random problems and the default job's
-    rounds 0.94-0.97 of it) at 3-10x less OMP time; the earlier default, ceil(budget / 32)
-    top-correlated atoms per step, ended 4-46 % above one pick."""
+    Each step's atoms are pruned from a pool of OMP_POOL times as many, and the blocks taper
+    as the budget fills (`nonneg_omp(..., pool=OMP_POOL, rounds=OMP_ROUNDS, taper=OMP_TAPER)`).
+    Measured (docs/gradmatch.md, 2026-12-03): on every problem of scripts/bench_omp.py the
+    relative residual is at most 3.6 % above one pick per step (mostly 7-15 % below it), at
+    3-11x less OMP time than our one pick and 45-426x less than the textbook re-solve; the
+    earlier default, ceil(budget / 32) top-correlated atoms per step, ended 4-46 % above."""
     return max(1, math.ceil(budget / OMP_STEPS))
 
 
@@ -122,8 +123,8 @@ class _GradMatchBase(Strategy):
         "help": "share of free device memory the gradient factors may take (else pinned CPU)"})
     check_every: int = 16
     picks_per_step: int | None = field(default=None, metadata={
-        "help": "atoms added per OMP step (unset: ceil(budget/16), pruned from a pool of 5x; "
-                "1: textbook one-pick NN-OMP)"})
+        "help": "most atoms added per OMP step (unset: ceil(budget/16), pruned from a pool "
+                "of 5x, fewer as the budget fills; 1: textbook one-pick NN-OMP)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
