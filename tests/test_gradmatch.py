@@ -219,3 +219,14 @@ def test_cli_refuses_bad_picks_per_step(in_tmp, args, message):
     result = CliRunner().invoke(main, ["train", *SMALL, *args])
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_selection_chunk_follows_the_input_size_on_cpus():
+    from subsetsel.selection.gradmatch import CHUNK, selection_chunk
+
+    cpu = torch.device("cpu")
+    assert selection_chunk(cpu, (1, 40)) == 1024  # MNIST-1D: 40 floats an example
+    assert selection_chunk(cpu, (1, 28, 28)) == 128  # 784 floats: 2^17 / 784 -> 128
+    assert selection_chunk(cpu, (3, 224, 224)) == 128  # never below 128
+    assert selection_chunk(cpu, (300,)) == 256
+    assert selection_chunk(torch.device("cuda"), (3, 224, 224)) == CHUNK

@@ -308,11 +308,12 @@ class Engine:
         module = self.module
         module.eval()
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # correct, loss, n
-        for x, y in self.data.test_batches(chunk, self.dist.rank, self.dist.world):
-            logits = self.precision.forward(module, x)
-            totals[0] += (logits.argmax(1) == y).sum()
-            totals[1] += F.cross_entropy(logits, y, reduction="sum").double()
-            totals[2] += y.shape[0]
+        with self.precision.eval_pass(module) as settings:
+            for x, y in self.data.test_batches(chunk, self.dist.rank, self.dist.world):
+                logits = settings.forward(module, x)
+                totals[0] += (logits.argmax(1) == y).sum()
+                totals[1] += F.cross_entropy(logits, y, reduction="sum").double()
+                totals[2] += y.shape[0]
         module.train()
         self.dist.all_reduce(totals)  # the test split is sharded over ranks
         correct, loss, n = totals.tolist()

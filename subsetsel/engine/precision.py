@@ -4,6 +4,7 @@ bf16 autocast (`amp`) and the channels_last memory format for convolutional mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,25 @@ class Precision:
         if self.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model
+
+    @contextlib.contextmanager
+    def eval_pass(self, model: nn.Module) -> Iterator[Precision]:
+        """The settings for one eval pass over many batches (the selection forward, the test
+        evaluation). On the CPU, a model with 2-D convolutions whose weights are in the standard
+        layout runs the pass in channels_last and is put back after: NCHW pooling is slow on
+        CPUs (measured eval forwards: smallcnn 1.87x, lenet 1.57x, mobilenet_v2 1.45x faster,
+        resnet18 the same; converting both ways takes 0.3-21 ms). Everywhere else: self."""
+        weights = [p for m in model.modules() if isinstance(m, nn.Conv2d)
+                   for p in m.parameters(recurse=False) if p.dim() == 4]
+        if (self.channels_last or self.device.type != "cpu" or not weights
+                or not all(p.is_contiguous() for p in weights)):
+            yield self
+            return
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        try:
+            yield dataclasses.replace(self, channels_last=True)
+        finally:
+            model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """4-D inputs in channels_last layout when asked."""

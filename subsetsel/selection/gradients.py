@@ -21,17 +21,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from subsetsel import memory
+from subsetsel.engine.precision import Precision
 from subsetsel.memory import GiB, free_memory, size_text  # noqa: F401  (re-exported)
-
-if TYPE_CHECKING:
-    from subsetsel.engine.precision import Precision
 
 CHUNK = 1024  # samples per forward pass
 
@@ -143,13 +140,13 @@ Chunks = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def _factor_chunks(
     model: nn.Module, chunks: Chunks, precision: Precision | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(positions (m,), y (m,), delta (m, C), emb (m, D)) float32 for each (positions, x, y)."""
-    with _hooked(model) as seen:
+    """(positions (m,), y (m,), delta (m, C), emb (m, D)) float32 for each (positions, x, y).
+    The pass runs with `precision` (default float32) as `Precision.eval_pass` adapts it: on the
+    CPU, conv nets in channels_last for the pass."""
+    base = precision or Precision(final_linear(model).weight.device)
+    with _hooked(model) as seen, base.eval_pass(model) as settings:
         for positions, x, y in chunks:
-            if precision is None:
-                model(x)
-            else:
-                precision.forward(model, x)
+            settings.forward(model, x)
             emb, logits = seen["emb"], seen["logits"]
             if emb.dim() != 2 or logits.dim() != 2:
                 raise ValueError(
