@@ -43,6 +43,7 @@ import torch
 from scipy.optimize import nnls
 
 from subsetsel.selection import gradmatch
+from subsetsel.selection.gradients import LastLayerFactors
 from subsetsel.selection.gradmatch import OMP_POOL, OMP_ROUNDS, OMP_TAPER, auto_picks_per_step
 from subsetsel.selection.omp import DenseAtoms, nonneg_omp
 
@@ -129,10 +130,7 @@ def reference_job(atoms: Any, budgets: torch.Tensor, lam: float) -> tuple[float,
     seconds, residuals = 0.0, []
     for p in range(atoms.batch):
         n = int(atoms.counts[p])
-        delta, emb = ft[p, :c, :n].T, ft[p, c:, :n].T
-        rows = (delta.unsqueeze(2) * emb.unsqueeze(1)).flatten(1)
-        if atoms.bias:
-            rows = torch.cat([delta, rows], 1)
+        rows = LastLayerFactors(ft[p, :c, :n].T, ft[p, c:, :n].T, bool(atoms.bias)).rows()
         spent, idx, w = reference(rows, atoms.target[p], int(budgets[p]), lam)
         seconds += spent
         residuals.append(relative_residual(rows, atoms.target[p], idx, w))

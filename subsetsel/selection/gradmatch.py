@@ -237,8 +237,7 @@ class _GradMatchBase(Strategy):
         pool = OMP_POOL if picks > 1 else 1.0
         result = nonneg_omp(atoms, budgets, lam=self.lam, eps=self.eps,
                             check_every=self.check_every, picks_per_step=picks, pool=pool,
-                            rounds=OMP_ROUNDS, taper=OMP_TAPER if picks > 1 else 0.0,
-                            taper_from=max_budget)
+                            rounds=OMP_ROUNDS, taper=OMP_TAPER, taper_from=max_budget)
         pos, weights, filled = complete_to_budget(result, budgets, atoms.counts)
         self.last_info = {
             "omp_seconds": time.perf_counter() - start,
@@ -246,7 +245,7 @@ class _GradMatchBase(Strategy):
             "picks_per_step": picks,
             "omp_pool": pool,
             "omp_rounds": OMP_ROUNDS if pool > 1 else 0,
-            "omp_taper": OMP_TAPER if picks > 1 else 0.0,
+            "omp_taper": OMP_TAPER if pool > 1 else 0.0,
             "omp_steps": int(result.objective.shape[1]) - 1,
             "residual": result.residual.cpu().tolist(),
             "filled": int(filled.sum()),
@@ -470,7 +469,7 @@ class Shape:
     world: int = 1
 
 
-def selection_chunk(device: torch.device, input_shape: tuple[int, ...] = ()) -> int:
+def selection_chunk(device: torch.device, input_shape: tuple[int, ...]) -> int:
     """Examples per selection forward: CHUNK on GPUs. On CPUs a chunk whose inputs hold about
     2^17 floats, as a power of two in [128, CHUNK]: large chunks of large images only cost
     cache misses, small inputs gain from fewer, larger calls (measured eval forwards, one
