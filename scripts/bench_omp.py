@@ -126,11 +126,11 @@ def reference(a: torch.Tensor, b: torch.Tensor, k: int, lam: float):
 def reference_job(atoms: Any, budgets: torch.Tensor, lam: float) -> tuple[float, float]:
     """The reference on each class of a recorded Grad-Match round, one after another, on the
     dense gradient rows rebuilt from the factors: (total seconds, mean relative residual)."""
-    c, ft = atoms.c, atoms._ft
+    c, d, f = atoms.c, atoms.dim_e, atoms._f  # rows [delta | e | bias flag]
     seconds, residuals = 0.0, []
     for p in range(atoms.batch):
         n = int(atoms.counts[p])
-        rows = LastLayerFactors(ft[p, :c, :n].T, ft[p, c:, :n].T, bool(atoms.bias)).rows()
+        rows = LastLayerFactors(f[p, :n, :c], f[p, :n, c : c + d], bool(atoms.bias)).rows()
         spent, idx, w = reference(rows, atoms.target[p], int(budgets[p]), lam)
         seconds += spent
         residuals.append(relative_residual(rows, atoms.target[p], idx, w))

@@ -544,9 +544,10 @@ def test_pool_and_rounds_are_checked():
 
 
 def test_pool_on_factored_gradient_atoms_is_exact():
-    """The Grad-Match path: LastLayerAtoms (no `gram`, so the pool goes through `add`), batched
-    classes with padding; weights equal nnls on each support, budgets hold, and the supports
-    equal those of the same rows as DenseAtoms scored through `add` too."""
+    """The Grad-Match path: LastLayerAtoms (its pool ranked by a float32 `gram` from the
+    factors), batched classes with padding; weights equal nnls on each support, budgets hold,
+    and the supports equal those of the same rows as DenseAtoms with the pool scored through
+    `add` in float64."""
     from subsetsel.selection.gradients import LastLayerAtoms
 
     gen = torch.Generator().manual_seed(21)

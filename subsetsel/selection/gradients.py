@@ -250,13 +250,14 @@ class LastLayerAtoms:
 
     delta: float32 (B, n, c) (c = C, or 1 for class slices), emb: float32 (B, n, D), both zero
     on padding rows; counts int64 (B,); target: float64 (B, c(1+D)) (c*D without bias), the
-    gradient sum to match. The residual is kept in factor form, r = [r_b | R] with R (c, D)
-    = target's W-part - sum_s w_s delta_s e_s^T (float64), so the correlations of all n atoms,
-    <a_i, r> = delta_i . (bias * r_b + R e_i), cost one (c x D) by (D x n) product per step:
+    gradient sum to match. Each atom is kept as one row f_i = [delta_i | e_i | beta] (beta = 1
+    with a bias, else 0), so atom i is delta_i (x) [e_i, beta] up to the order of its entries.
+    The residual is kept in factor form, R = T - sum_s w_s delta_s [e_s, beta]^T (c x (D+1),
+    float64, T the target as a matrix), so the correlations of all n atoms,
+    <a_i, r> = delta_i . (R [e_i, beta]), cost one (n x (D+1)) by ((D+1) x c) product per step:
     O(n c D) per problem, independent of the support size, with no n x k matrix kept.
-    Gram entries of chosen atoms use <a_i, a_j> = (delta_i . delta_j)(bias + e_i . e_j) in
-    float64. Factors are kept transposed, (B, c + D, n), so the per-step product is a plain
-    batched matrix product.
+    Gram entries are <a_i, a_j> = (delta_i . delta_j)([e_i, beta] . [e_j, beta]): float64 for
+    chosen atoms, float32 for a step's candidate pool (`gram`, which only ranks them).
     """
 
     def __init__(
@@ -267,45 +268,62 @@ class LastLayerAtoms:
         self.dim_e = int(emb.shape[2])
         self.device = delta.device
         self.bias = float(bias)
-        self._ft = torch.cat([delta.float(), emb.float()], 2).transpose(1, 2).contiguous()
+        beta = torch.full((self.batch, self.size, 1), self.bias, device=self.device)
+        self._f = torch.cat([delta.float(), emb.float(), beta], 2)  # (B, n, c + D + 1)
         self.counts = torch.as_tensor(counts, dtype=torch.int64, device=self.device)
         self.target = target.to(device=self.device, dtype=torch.float64)
         c, nb = self.c, self.batch
         tb = self.target[:, :c] if bias else self.target.new_zeros(nb, c)
         tw = self.target[:, c * int(bias) :].reshape(nb, c, self.dim_e)
-        self._tb, self._tw = tb, tw
-        self._sf = torch.empty(0)
+        self._t = torch.cat([tw, tb.unsqueeze(2)], 2)  # (B, c, D + 1)
+        self._offsets = (torch.arange(nb, device=self.device) * self.size).unsqueeze(1)
+        self._sf = self._sf32 = torch.empty(0)
 
     def target_sq_norm(self) -> torch.Tensor:
         return (self.target * self.target).sum(1)
 
     def sq_norms(self) -> torch.Tensor:
-        sq = self._ft * self._ft
-        return sq[:, : self.c].sum(1) * (self.bias + sq[:, self.c :].sum(1))
+        sq = self._f * self._f
+        return sq[:, :, : self.c].sum(2) * sq[:, :, self.c :].sum(2)
 
     def start(self, capacity: int) -> None:
-        self._sf = torch.zeros(
-            self.batch, capacity, self.c + self.dim_e, dtype=torch.float64, device=self.device
-        )
+        shape = (self.batch, capacity, self._f.shape[2])
+        self._sf = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self._sf32 = torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def _rows(self, j: torch.Tensor) -> torch.Tensor:
+        """float32 (B, m, c + D + 1): the factor rows of atoms j (int64 (B, m))."""
+        flat = self._f.view(-1, self._f.shape[2])
+        return flat.index_select(0, (j + self._offsets).flatten()).view(*j.shape, -1)
 
     def add(self, t: int, j: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, m = self.c, int(j.shape[1])
-        index = j.unsqueeze(1).expand(-1, self._ft.shape[1], -1)
-        new = self._ft.gather(2, index).transpose(1, 2).double() * take.unsqueeze(2)
-        self._sf[:, t : t + m] = new  # (B, m, c + D): [delta, e] of the new atoms
+        new32 = self._rows(j) * take.unsqueeze(2)
+        new = new32.double()
+        self._sf[:, t : t + m] = new
+        self._sf32[:, t : t + m] = new32
         support = self._sf[:, : t + m].transpose(1, 2)
         sd = torch.bmm(new[:, :, :c], support[:, :c])
         se = torch.bmm(new[:, :, c:], support[:, c:])
-        proj = torch.bmm(new[:, :, c:], self._tw.transpose(1, 2))  # (B, m, c)
-        return sd * (se + self.bias), (new[:, :, :c] * (self._tb.unsqueeze(1) + proj)).sum(2)
+        proj = torch.bmm(new[:, :, c:], self._t.transpose(1, 2))  # (B, m, c)
+        return sd * se, (new[:, :, :c] * proj).sum(2)
+
+    def gram(self, t: int, j: torch.Tensor) -> torch.Tensor:
+        """float64 (B, L, t + L) from float32 products: atoms j (B, L) against support slots
+        0..t-1 and against each other (the optional `Atoms.gram`; ranks candidates only)."""
+        c = self.c
+        new = self._rows(j)
+        other = torch.cat([self._sf32[:, :t], new], 1).transpose(1, 2)
+        sd = torch.bmm(new[:, :, :c], other[:, :c])
+        se = torch.bmm(new[:, :, c:], other[:, c:])
+        return (sd * se).double()
 
     def correlations(self, t: int, w: torch.Tensor) -> torch.Tensor:
         c = self.c
         scaled = self._sf[:, :t, :c] * w.unsqueeze(2)  # (B, t, c): w_s delta_s
-        rw = self._tw - torch.bmm(scaled.transpose(1, 2), self._sf[:, :t, c:])  # (B, c, D)
-        rb = (self._tb - scaled.sum(1)) * self.bias  # (B, c)
-        proj = torch.bmm(rw.float(), self._ft[:, c:])  # (B, c, n)
-        return ((proj + rb.float().unsqueeze(2)) * self._ft[:, :c]).sum(1)
+        r = self._t - torch.bmm(scaled.transpose(1, 2), self._sf[:, :t, c:])  # (B, c, D + 1)
+        proj = torch.bmm(self._f[:, :, c:], r.float().transpose(1, 2))  # (B, n, c)
+        return (proj * self._f[:, :, :c]).sum(2)
 
 
 def check_memory(

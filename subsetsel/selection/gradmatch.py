@@ -328,7 +328,8 @@ class GradMatch(_GradMatchBase):
         cap = capacity(kmax, self._picks(kmax))
         width = int(counts.max()) if counts.numel() else 0
         padded = 4 * group * width * (3 * (c + shape.dim) + 2 * c)  # factors (3 copies), products
-        support = 8 * group * cap * (c + shape.dim + 2 * cap + 8)  # chosen factors, G, H, vectors
+        row = 12 * (c + shape.dim + 1)  # a chosen atom's factor row, float64 and float32
+        support = group * cap * (row + 8 * (2 * cap + 8))  # chosen rows, G, H, vectors
         return padded + support
 
     def _choose(
