@@ -10,8 +10,8 @@ all as a fraction of a training epoch. Every number printed is tagged:
 
 What is timed is exactly what `gradmatch` runs per class (default settings): the target
 `_factor_sums` of the class's factors and `GradMatch._solve` on `LastLayerAtoms` (nonneg_omp in
-the default pool mode, ceil(k/16) atoms per step, then complete_to_budget), on synthetic factors
-delta = softmax(z) - onehot(c) (n_c x C), e = relu(N(0, 1)) (n_c x D).
+the default pool mode, ceil(k/16) atoms per step, fewer at the end, then complete_to_budget), on
+synthetic factors delta = softmax(z) - onehot(c) (n_c x C), e = relu(N(0, 1)) (n_c x D).
 
     python scripts/project_distributed.py [--repeats 2] [--worlds 8,64] [--quick]
 """
@@ -188,8 +188,8 @@ def main() -> None:
 
     # ---- 2. cost model --------------------------------------------------------------------
     # solve ~ a * S n c D (correlations of all atoms, fp32) + b * S k c D (residual update,
-    # support products, fp64) + g * S (the step's small ops); S = OMP steps (~16 by default:
-    # ceil(k/16) atoms per step, so S hardly depends on k); target ~ n c D (fp64, once)
+    # support products, fp64) + g * S (the step's small ops); S = OMP steps (18-25 by default:
+    # ceil(k/16) atoms per step, tapered at the end, so S hardly depends on k); target ~ n c D
     feats = np.array([[s * n * c * d, s * k * c * d, s] for n, c, d, k, s, _, _, _ in rows])
     times = np.array([ts for *_, ts, _ in rows])
     coef, _ = nnls(feats / feats.max(0), times)
@@ -370,9 +370,10 @@ def main() -> None:
     print(f"- assumed: {args.nvlink_gbs:g} GB/s into a GPU within a node, {args.ib_gbs:g} GB/s "
           f"across nodes, {args.gpus_per_node} GPUs per node, {args.gpu_mem_gib:g} GiB free per "
           f"GPU (memory_share 0.5), PB batch {args.pb_batch}")
-    print(f"- default OMP mode: ceil(k_c/{OMP_STEPS}) atoms per step (pool 5x, 8 rounds), so "
-          "S ~ 15-17 steps whatever k_c; each step computes the correlations of all n_c atoms, "
-          "one (c x D)(D x n_c) product: the S*n_c*c*D term dominates")
+    print(f"- default OMP mode: ceil(k_c/{OMP_STEPS}) atoms per step (pool 5x, 8 rounds), at "
+          "most ceil((k_c - t)/4) once the budget nears (taper), so S ~ 18-25 steps whatever "
+          "k_c; each step computes the correlations of all n_c atoms, one (n_c x D)(D x c) "
+          "product: the S*n_c*c*D term dominates")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
