@@ -7,13 +7,14 @@ Setups:
   img32    2 000 random 32x32x3 uint8 images ("crop-flip"), resnet18 (CIFAR stem)
 (the images are random: this measures time, not accuracy). Each setup trains `--warmup`
 full-data epochs, then alternates full-data epochs (the reference, `train_seconds`) with
-`gradmatch` and `gradmatchpb` rounds (fraction 0.1) on the same model, and prints medians, the
-ratio round / epoch (the target of the next issue is <= 0.25) and where the round's time goes
-(gradient forward vs OMP). `--chunks` also times the selection forward alone per chunk size.
+`gradmatch` and `gradmatchpb` rounds (`--fraction`, default 0.1; the OMP work grows with the
+budget) on the same model, and prints medians, the ratio round / epoch (the target of the next
+issue is <= 0.25) and where the round's time goes (gradient forward vs OMP). `--chunks` also
+times the selection forward alone per chunk size.
 
     python scripts/bench_selection.py [--setups mnist1d,img28,img32] [--loaders tensor,dataloader]
         [--precisions fp32,cl,amp,cl+amp] [--repeats 3] [--threads 1] [--workers 1]
-        [--chunks 128,256,512,1024]
+        [--fraction 0.1] [--chunks 128,256,512,1024]
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def bench(setup: str, loader: str, precision: str, args: argparse.Namespace) -> 
 
     for _ in range(args.warmup):
         epoch()
-    strategies = {name: create_strategy(name, fraction=0.1, seed=0)
+    strategies = {name: create_strategy(name, fraction=args.fraction, seed=0)
                   for name in ("gradmatch", "gradmatchpb")}
     times: dict[str, list[float]] = {"epoch": [], **{name: [] for name in strategies}}
     infos: dict[str, dict] = {}
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
+    parser.add_argument("--fraction", type=float, default=0.1, help="subset size of the rounds")
     parser.add_argument("--chunks", default="", help="e.g. 128,256,512,1024")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
