@@ -108,6 +108,35 @@ def test_factored_atoms_give_the_same_omp_result_as_dense_rows(bias, c, picks):
     torch.testing.assert_close(dense.correlations, factored.correlations, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_factored_atoms_inner_products_equal_the_dense_rows(bias):
+    """Norms, the chosen atoms' Gram and target products (`add`, float64) and a step's pool
+    Gram (`gram`, float32) from the factor rows equal those of the materialised rows."""
+    gen = torch.Generator().manual_seed(5)
+    nb, n, c, d = 2, 40, 3, 7
+    delta = torch.softmax(torch.randn(nb, n, c, generator=gen), 2) - 0.4
+    emb = torch.relu(torch.randn(nb, n, d, generator=gen))
+    counts = torch.tensor([40, 33])
+    pad = torch.arange(n).view(1, n, 1) >= counts.view(nb, 1, 1)
+    delta, emb = delta.masked_fill(pad, 0.0), emb.masked_fill(pad, 0.0)
+    outer = (delta.unsqueeze(3) * emb.unsqueeze(2)).flatten(2)
+    rows = torch.cat([delta, outer], 2) if bias else outer
+    target = rows.double().sum(1)
+    factored = LastLayerAtoms(delta, emb, counts, target, bias)
+    dense = DenseAtoms(rows, target, counts)
+    torch.testing.assert_close(factored.sq_norms(), dense.sq_norms(), rtol=1e-5, atol=1e-6)
+    for atoms in (factored, dense):
+        atoms.start(8)
+    chosen = torch.tensor([[3, 17, 30], [0, 5, 32]])
+    take = torch.tensor([[True, True, True], [True, False, True]])
+    got, expected = factored.add(0, chosen, take), dense.add(0, chosen, take)
+    # (the dense rows are rounded to float32 once materialised: agreement to ~1e-7 relative)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=1e-9)
+    pool = torch.tensor([[1, 2, 8, 39], [4, 6, 7, 31]])
+    torch.testing.assert_close(factored.gram(3, pool), dense.gram(3, pool), rtol=1e-5, atol=1e-6)
+
+
 def test_memory_check_refuses_with_one_line(monkeypatch):
     assert free_memory(torch.device("cpu")) > 0
     check_memory(1000, torch.device("cpu"), 0.5, "x", "hint")  # fits
