@@ -85,19 +85,28 @@ def test_linear_without_bias():
     torch.testing.assert_close(rows, torch.stack(expected), rtol=1e-5, atol=1e-7)
 
 
+def _factored_problem(
+    seed: int, counts: torch.Tensor, n: int, c: int, d: int, shift: float, bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded per-problem factors delta (B, n, c) = softmax - shift, emb (B, n, d) >= 0, zero
+    past counts (B,), and their materialised rows [delta | delta (x) e] (without delta when
+    not bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    nb = counts.numel()
+    delta = torch.softmax(torch.randn(nb, n, c, generator=gen), 2) - shift
+    emb = torch.relu(torch.randn(nb, n, d, generator=gen))
+    pad = torch.arange(n).view(1, n, 1) >= counts.view(nb, 1, 1)
+    delta, emb = delta.masked_fill(pad, 0.0), emb.masked_fill(pad, 0.0)
+    outer = (delta.unsqueeze(3) * emb.unsqueeze(2)).flatten(2)
+    return delta, emb, (torch.cat([delta, outer], 2) if bias else outer)
+
+
 @pytest.mark.parametrize("bias,c", [(True, 4), (False, 4), (True, 1)])
 @pytest.mark.parametrize("picks", [1, 3])
 def test_factored_atoms_give_the_same_omp_result_as_dense_rows(bias, c, picks):
     """LastLayerAtoms (factor form, rows never materialised) == DenseAtoms on the same rows."""
-    gen = torch.Generator().manual_seed(2)
-    nb, n, d = 3, 70, 9
-    delta = torch.softmax(torch.randn(nb, n, c, generator=gen), 2) - 0.5
-    emb = torch.relu(torch.randn(nb, n, d, generator=gen))
     counts = torch.tensor([70, 50, 64])
-    pad = torch.arange(n).view(1, n, 1) >= counts.view(nb, 1, 1)
-    delta, emb = delta.masked_fill(pad, 0.0), emb.masked_fill(pad, 0.0)
-    outer = (delta.unsqueeze(3) * emb.unsqueeze(2)).flatten(2)
-    rows = torch.cat([delta, outer], 2) if bias else outer
+    delta, emb, rows = _factored_problem(2, counts, 70, c, 9, 0.5, bias)
     target = rows.double().sum(1) * torch.tensor([[1.0], [0.5], [1.2]], dtype=torch.float64)
     budgets = torch.tensor([10, 6, 12])
     dense = nonneg_omp(DenseAtoms(rows, target, counts), budgets, lam=0.5, picks_per_step=picks)
@@ -112,15 +121,8 @@ def test_factored_atoms_give_the_same_omp_result_as_dense_rows(bias, c, picks):
 def test_factored_atoms_inner_products_equal_the_dense_rows(bias):
     """Norms, the chosen atoms' Gram and target products (`add`, float64) and a step's pool
     Gram (`gram`, float32) from the factor rows equal those of the materialised rows."""
-    gen = torch.Generator().manual_seed(5)
-    nb, n, c, d = 2, 40, 3, 7
-    delta = torch.softmax(torch.randn(nb, n, c, generator=gen), 2) - 0.4
-    emb = torch.relu(torch.randn(nb, n, d, generator=gen))
     counts = torch.tensor([40, 33])
-    pad = torch.arange(n).view(1, n, 1) >= counts.view(nb, 1, 1)
-    delta, emb = delta.masked_fill(pad, 0.0), emb.masked_fill(pad, 0.0)
-    outer = (delta.unsqueeze(3) * emb.unsqueeze(2)).flatten(2)
-    rows = torch.cat([delta, outer], 2) if bias else outer
+    delta, emb, rows = _factored_problem(5, counts, 40, 3, 7, 0.4, bias)
     target = rows.double().sum(1)
     factored = LastLayerAtoms(delta, emb, counts, target, bias)
     dense = DenseAtoms(rows, target, counts)
